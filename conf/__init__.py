@@ -1,0 +1,1 @@
+"""Hydra config tree of kdrun (a package so the configs are found from the installed package)."""

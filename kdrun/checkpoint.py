@@ -1,0 +1,117 @@
+"""Atomic, safe checkpoints.
+
+A checkpoint is one dict of tensors and plain values (model, method state, optimizer, scheduler,
+grad scaler, epoch/step counters, RNG states, best-so-far, meters), so it loads with
+``torch.load(weights_only=True)``: no code runs from a checkpoint file.
+
+Writes go to a temporary file in the same directory, are fsynced and then ``os.replace``d over the
+target, so a crash mid-write never leaves a truncated ``last.ckpt``. The previous ``last.ckpt`` is
+kept as ``prev.ckpt``; when ``last.ckpt`` is unreadable, loading reports it (naming the file) and
+falls back to ``prev.ckpt`` if that one is good.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from kdrun.errors import CheckpointError
+
+log = logging.getLogger("kdrun")
+
+FORMAT_VERSION = 1
+
+
+def atomic_save(obj: Any, path: str | Path) -> None:
+    """``torch.save`` to ``path`` atomically (temp file + fsync + rename)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            torch.save(obj, fh)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    try:  # make the rename durable
+        dfd = os.open(path.parent, os.O_RDONLY)
+        try:
+            os.fsync(dfd)
+        finally:
+            os.close(dfd)
+    except OSError:
+        pass
+
+
+def save_last(state: dict[str, Any], ckpt_dir: str | Path) -> Path:
+    """Write ``last.ckpt``, keeping the previous one as ``prev.ckpt``."""
+    ckpt_dir = Path(ckpt_dir)
+    last = ckpt_dir / "last.ckpt"
+    state = {**state, "format_version": FORMAT_VERSION}
+    if last.exists():
+        os.replace(last, ckpt_dir / "prev.ckpt")
+    atomic_save(state, last)
+    return last
+
+
+def load(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
+    """Load a checkpoint with ``weights_only=True``; a bad file raises :class:`CheckpointError`."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint {path} does not exist: check resume=PATH")
+    try:
+        state = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as exc:  # truncated zip, unpickling error, disallowed global, ...
+        reason = str(exc).strip().splitlines()[0][:160] if str(exc).strip() else type(exc).__name__
+        raise CheckpointError(
+            f"checkpoint {path} is corrupt or truncated ({reason}); delete it or pass "
+            "resume=never to start over"
+        ) from None
+    if not isinstance(state, dict) or "model" not in state:
+        raise CheckpointError(f"checkpoint {path} is not a kdrun checkpoint (no 'model' entry)")
+    return state
+
+
+def load_latest(ckpt_dir: str | Path, map_location: str | torch.device = "cpu") -> dict | None:
+    """The newest readable checkpoint in ``ckpt_dir``: ``last.ckpt``, else ``prev.ckpt``.
+
+    Returns None when the directory has no checkpoint. If ``last.ckpt`` is corrupt and no good
+    ``prev.ckpt`` exists, the :class:`CheckpointError` for ``last.ckpt`` is raised.
+    """
+    ckpt_dir = Path(ckpt_dir)
+    last, prev = ckpt_dir / "last.ckpt", ckpt_dir / "prev.ckpt"
+    if not last.exists() and not prev.exists():
+        return None
+    first_error: CheckpointError | None = None
+    for path in (last, prev):
+        if not path.exists():
+            continue
+        try:
+            return load(path, map_location)
+        except CheckpointError as err:
+            first_error = first_error or err
+            log.warning("%s", err)
+    assert first_error is not None
+    raise first_error
+
+
+def rng_state() -> dict[str, Any]:
+    state: dict[str, Any] = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])

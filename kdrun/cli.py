@@ -1,0 +1,277 @@
+"""The ``kdrun`` Hydra app — the only module that sees the whole config tree.
+
+Flow of one run: validate the config -> pick the run dir (``resume=auto`` may continue an
+interrupted run, see :mod:`kdrun.rundir`) -> build data, model, method, optimizer, schedule,
+loggers from their config nodes -> :class:`kdrun.engine.Trainer` -> ``summary.json``.
+
+Errors the user can fix (:class:`kdrun.errors.KdrunError`) are printed as one line
+``kdrun: error: ...`` and exit with status 2 (in a multirun the job is marked failed and the sweep
+goes on). The W&B run is always finished, also on failure.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import hydra
+import torch
+from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+
+from kdrun import checkpoint as ckpt
+from kdrun import distributed, rundir
+from kdrun.config import validate
+from kdrun.data.datasets import DatasetError
+from kdrun.errors import KdrunError
+
+log = logging.getLogger("kdrun")
+
+LOG_FORMAT = "[%(asctime)s][%(name)s][%(levelname)s] %(message)s"
+
+
+def setup_console_logging(rank: int) -> None:
+    """kdrun's messages go to stdout (and kdrun.log) through the ``kdrun`` logger only, so they
+    are not doubled by the handlers Hydra installs on the root logger."""
+    if not any(getattr(h, "_kdrun", False) for h in log.handlers):
+        handler = logging.StreamHandler(sys.stdout)
+        handler.setFormatter(logging.Formatter(LOG_FORMAT))
+        handler._kdrun = True  # type: ignore[attr-defined]
+        log.addHandler(handler)
+    log.propagate = False
+    log.setLevel(logging.INFO if rank == 0 else logging.WARNING)
+
+
+def add_file_logging(run_dir: Path) -> logging.Handler:
+    handler = logging.FileHandler(run_dir / "kdrun.log", mode="a")
+    handler.setFormatter(logging.Formatter(LOG_FORMAT))
+    log.addHandler(handler)
+    return handler
+
+
+def resolve_device(name: str, local_rank: int) -> torch.device:
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name in ("gpu", "cuda"):
+        if not torch.cuda.is_available():
+            raise KdrunError("hardware=gpu needs a CUDA GPU and none is visible: use hardware=cpu")
+        return torch.device("cuda", local_rank % torch.cuda.device_count())
+    if name == "cpu":
+        return torch.device("cpu")
+    raise KdrunError(f"hardware.device={name!r} must be auto, cpu or cuda")
+
+
+def set_determinism(seed: int, deterministic: bool) -> None:
+    torch.manual_seed(seed)
+    if deterministic:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        torch.use_deterministic_algorithms(True, warn_only=True)
+        torch.backends.cudnn.benchmark = False
+    else:
+        torch.backends.cudnn.benchmark = True
+
+
+def choose_run_dir(cfg: DictConfig, fresh_dir: Path, multirun: bool, fp: str) -> Path:
+    """Rank 0 decides: the fresh Hydra dir, or an interrupted run to continue (resume=auto)."""
+    if cfg.resume != "auto" or rundir.has_checkpoint(fresh_dir):
+        return fresh_dir
+    previous = rundir.find_resumable(fresh_dir, fp, multirun)
+    if previous is None:
+        return fresh_dir
+    rundir.discard_fresh_dir(fresh_dir)
+    return previous
+
+
+def load_resume_state(cfg: DictConfig, run_dir: Path, device: torch.device) -> dict | None:
+    if cfg.resume == "never":
+        return None
+    if cfg.resume == "auto":
+        return ckpt.load_latest(run_dir / "checkpoints", map_location=device)
+    return ckpt.load(cfg.resume, map_location=device)
+
+
+def build_logger(cfg: DictConfig, run_dir: Path, is_main: bool, group: str | None,
+                 resumed_step: int | None):
+    from kdrun.loggers import JsonlLogger, MultiLogger, WandbLogger
+
+    if not is_main:
+        return MultiLogger([])
+    # A resumed run drops the events the interrupted process logged after its checkpoint.
+    loggers: list[Any] = [JsonlLogger(run_dir, drop_after_step=resumed_step)]
+    if cfg.logger.backend == "wandb":
+        choices = HydraConfig.get().runtime.choices
+        tags = [str(cfg.dataset.name), choices.get("model"), choices.get("method")]
+        tags += [str(t) for t in cfg.tags]
+        loggers.append(WandbLogger(
+            run_dir=run_dir, project=cfg.logger.project, entity=cfg.logger.get("entity"),
+            group=cfg.logger.get("group") or group, job_type=choices.get("method"),
+            tags=tags, name=cfg.get("name") or run_dir.name, mode=cfg.logger.mode,
+            config=OmegaConf.to_container(cfg, resolve=True),
+        ))
+    return MultiLogger(loggers)
+
+
+def dataset_options(cfg: DictConfig) -> dict[str, Any]:
+    options = cfg.dataset.get("options")
+    return dict(OmegaConf.to_container(options, resolve=True)) if options else {}
+
+
+def train(cfg: DictConfig) -> dict[str, Any]:
+    """One complete run; returns the summary dict."""
+    from kdrun.console import Console, SilentConsole
+    from kdrun.data.datasets import build_datasets
+    from kdrun.engine import HardwareSettings, Trainer, TrainerSettings, count_params, resolve_amp
+
+    hc = HydraConfig.get()
+    multirun = hc.mode == RunMode.MULTIRUN
+    fresh_dir = Path(hc.runtime.output_dir)
+    hw_cfg = cfg.hardware
+    env_dist = distributed.env_dist_info()
+    if hw_cfg.distributed and env_dist is None:
+        raise KdrunError("hardware=ddp needs a distributed launch: use torchrun "
+                         "--nproc_per_node=K -m kdrun hardware=ddp ... or SLURM tasks")
+    info = distributed.DistInfo()
+    device = resolve_device(hw_cfg.device, env_dist.local_rank if env_dist else 0)
+    if env_dist is not None and env_dist.world_size > 1:
+        info = distributed.init_distributed(device.type)
+    setup_console_logging(info.rank)
+
+    fp = rundir.fingerprint(cfg)
+    run_dir = choose_run_dir(cfg, fresh_dir, multirun, fp) if info.is_main else None
+    run_dir = Path(distributed.broadcast_object(str(run_dir)))
+    if not info.is_main and run_dir != fresh_dir:
+        rundir.discard_fresh_dir(fresh_dir)
+
+    lock = rundir.RunLock(run_dir)
+    file_handler = None
+    logger = None
+    status = "failed"
+    exit_code = 1
+    try:
+        if info.is_main:
+            if not lock.acquire():
+                raise KdrunError(f"run dir {run_dir} is in use by another kdrun process")
+            file_handler = add_file_logging(run_dir)
+            run_info = rundir.read_run_info(run_dir) or rundir.new_run_info(fp)
+            resumed_before = run_info.get("status") is not None and run_dir != fresh_dir
+            run_info.update(status="running", pid=os.getpid(),
+                            restarts=run_info.get("restarts", 0) + int(resumed_before))
+            rundir.write_run_info(run_dir, run_info)
+            log.info("run dir: %s%s", run_dir, " (resumed)" if run_dir != fresh_dir else "")
+            log.info("config:\n%s", OmegaConf.to_yaml(cfg, resolve=True))
+
+        set_determinism(int(cfg.seed), bool(hw_cfg.deterministic))
+        data = build_datasets(
+            cfg.dataset.name, root=cfg.dataset.root, fraction=float(cfg.dataset.fraction),
+            seed=int(cfg.seed), download=bool(cfg.dataset.download),
+            **dataset_options(cfg),
+        )
+        spec = data.spec
+        model = instantiate(cfg.model, num_classes=spec.num_classes,
+                            in_channels=spec.in_channels, image_size=spec.image_size)
+        num_samples = int(data.train_targets.shape[0])
+        method = instantiate(cfg.method, num_classes=spec.num_classes, num_samples=num_samples)
+        optimizer_factory = instantiate(cfg.optim)
+        schedule = instantiate(cfg.schedule)
+        group = None
+        if multirun:
+            group = Path(hc.sweep.dir).name
+        elif hc.runtime.choices.get("experiment"):
+            group = hc.runtime.choices.get("experiment")
+        state = load_resume_state(cfg, run_dir, device)
+        resumed_step = int(state["global_step"]) if state is not None else None
+        logger = build_logger(cfg, run_dir, info.is_main, group, resumed_step)
+        console = Console() if info.is_main else SilentConsole()
+
+        amp = resolve_amp(hw_cfg.amp, device)
+        settings = TrainerSettings(
+            epochs=cfg.trainer.epochs, batch_size=cfg.trainer.batch_size,
+            eval_every=cfg.trainer.eval_every, log_every=cfg.trainer.log_every,
+            limit_train_batches=cfg.trainer.limit_train_batches,
+            limit_eval_batches=cfg.trainer.limit_eval_batches, grad_clip=cfg.trainer.grad_clip,
+            drop_last=cfg.trainer.drop_last,
+            checkpoint_every_steps=cfg.trainer.checkpoint_every_steps,
+            eval_batch_size=cfg.eval.batch_size, n_bins=cfg.eval.n_bins,
+        )
+        hardware = HardwareSettings(
+            device=device, amp=amp, compile=hw_cfg.compile, channels_last=hw_cfg.channels_last,
+            num_workers=hw_cfg.num_workers, loader=cfg.dataset.loader, sync_bn=hw_cfg.sync_bn,
+        )
+        log.info("device %s, amp %s, world size %d, %d training samples, %d classes",
+                 device, amp, info.world_size, num_samples, spec.num_classes)
+        trainer = Trainer(
+            model=model, method=method, data=data, optimizer_factory=optimizer_factory,
+            schedule=schedule, settings=settings, hardware=hardware, seed=int(cfg.seed),
+            run_dir=run_dir, logger=logger, console=console,
+        )
+        timing = trainer.fit(state)
+        choices = hc.runtime.choices
+        summary: dict[str, Any] = {
+            "method": choices.get("method"),
+            "dataset": str(cfg.dataset.name),
+            "model": choices.get("model"),
+            "seed": int(cfg.seed),
+            "epochs": int(cfg.trainer.epochs),
+            "params": count_params(method.eval_model(trainer.model)),
+            "train_time_s": timing["train_time_s"],
+            "world_size": info.world_size,
+            "amp": amp,
+            **trainer.final_metrics(),
+            **method.summary(),
+        }
+        if info.is_main:
+            logger.log_summary(summary)
+            console.metrics_table("final test metrics (last epoch)", summary)
+        status, exit_code = "finished", 0
+        return summary
+    except BaseException as exc:
+        from kdrun.engine import Preempted
+
+        if isinstance(exc, Preempted):
+            status = "preempted"
+            log.warning("%s", exc)
+        raise
+    finally:
+        if logger is not None:
+            logger.finish(exit_code)
+        if info.is_main and lock.fh is not None:
+            run_info = rundir.read_run_info(run_dir)
+            run_info.update(status=status, ended=time.strftime("%Y-%m-%dT%H:%M:%S%z"))
+            rundir.write_run_info(run_dir, run_info)
+            lock.release()
+        if file_handler is not None:
+            log.removeHandler(file_handler)
+            file_handler.close()
+        distributed.cleanup()
+
+
+@hydra.main(config_path="conf", config_name="config", version_base="1.3")
+def _app(cfg: DictConfig) -> float | None:
+    multirun = HydraConfig.get().mode == RunMode.MULTIRUN
+    try:
+        validate(cfg)
+        summary = train(cfg)
+    except (KdrunError, DatasetError) as err:
+        logging.getLogger("kdrun").error("%s", err)
+        if multirun:
+            raise
+        print(f"kdrun: error: {err}", file=sys.stderr)
+        sys.exit(2)
+    objective = summary.get("test/acc1")
+    return float(objective) if objective is not None else None
+
+
+def main() -> None:
+    """Console-script entry point."""
+    _app()
+
+
+def summary_json(run_dir: Path) -> dict[str, Any]:
+    return json.loads((Path(run_dir) / "summary.json").read_text())

@@ -1,0 +1,79 @@
+"""Terminal output: a rich progress bar on a TTY, plain periodic log lines otherwise.
+
+Only rank 0 creates a :class:`Console`; other ranks get :class:`SilentConsole`. Everything the
+console prints also goes through the ``kdrun`` logger (hence ``kdrun.log``) when it is a log line.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from collections.abc import Mapping
+
+from rich.console import Console as RichConsole
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.progress import TimeRemainingColumn
+from rich.table import Table
+
+log = logging.getLogger("kdrun")
+
+# Metrics shown in the final table, in order; fractions shown as percentages.
+TABLE_KEYS = ["acc1", "acc5", "nll", "brier", "ece", "mce", "ece_adaptive", "ece_classwise",
+              "aurc", "eaurc", "auroc", "fpr95"]
+PERCENT = {"acc1", "acc5", "ece", "mce", "ece_adaptive", "ece_classwise", "auroc", "fpr95"}
+
+
+class Console:
+    def __init__(self, interactive: bool | None = None) -> None:
+        self.rich = RichConsole(stderr=False)
+        self.interactive = sys.stdout.isatty() if interactive is None else interactive
+        self.progress: Progress | None = None
+        self.task = None
+
+    def start_epoch(self, epoch: int, epochs: int, total_steps: int, start: int = 0) -> None:
+        if not self.interactive:
+            return
+        self.progress = Progress(
+            TextColumn(f"epoch {epoch + 1}/{epochs}"), BarColumn(), MofNCompleteColumn(),
+            TimeElapsedColumn(), TimeRemainingColumn(), TextColumn("{task.fields[info]}"),
+            console=self.rich, transient=True,
+        )
+        self.progress.start()
+        self.task = self.progress.add_task("train", total=total_steps, completed=start, info="")
+
+    def advance(self, info: str | None = None) -> None:
+        if self.progress is not None:
+            if info is None:
+                self.progress.advance(self.task)
+            else:
+                self.progress.update(self.task, advance=1, info=info)
+
+    def end_epoch(self) -> None:
+        if self.progress is not None:
+            self.progress.stop()
+            self.progress = None
+
+    def metrics_table(self, title: str, metrics: Mapping[str, float]) -> None:
+        table = Table(title=title)
+        table.add_column("metric")
+        table.add_column("value", justify="right")
+        for key in TABLE_KEYS:
+            for prefix in ("test/",):
+                full = prefix + key
+                if full in metrics and metrics[full] is not None:
+                    v = metrics[full]
+                    table.add_row(full, f"{100 * v:.2f}%" if key in PERCENT else f"{v:.4f}")
+        for key in ("test/acc1_best", "test/acc1_best_epoch", "params", "train_time_s"):
+            if key in metrics:
+                v = metrics[key]
+                table.add_row(key, f"{v:.4f}" if isinstance(v, float) else str(v))
+        self.rich.print(table)
+
+
+class SilentConsole(Console):
+    def __init__(self) -> None:
+        self.interactive = False
+        self.progress = None
+
+    def metrics_table(self, title: str, metrics: Mapping[str, float]) -> None:
+        pass

@@ -1,0 +1,188 @@
+"""Train and eval loaders over :class:`~kdrun.data.datasets.Datasets`.
+
+Two interchangeable loaders yield ``(x, y, index)`` batches on the training device:
+
+* ``loader=device`` — the whole (small) dataset lives on the training device as uint8 tensors;
+  each batch is gathered with one ``index_select`` and augmented with batched tensor ops seeded by
+  ``(seed, epoch, step)`` (cifar10-airbench's idea). No worker processes, no host round trips.
+* ``loader=workers`` — a ``torch.utils.data.DataLoader`` with per-sample torchvision transforms
+  in worker processes, for folder datasets (ImageNet) that do not fit in memory.
+
+Both take their batches from a :class:`~kdrun.data.samplers.BatchSampler`, support
+``iter_from(step)`` for mid-epoch resume, and honour ``limit_batches``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import torch
+
+from kdrun.data import augment as aug
+from kdrun.data.datasets import Datasets, EvalDataset, IndexedDataset
+from kdrun.data.samplers import BatchSampler
+from kdrun.errors import ConfigError
+
+Triple = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
+
+
+class DeviceTrainLoader:
+    def __init__(
+        self,
+        data: Datasets,
+        sampler: BatchSampler,
+        device: torch.device,
+        seed: int,
+        augment: bool = True,
+        channels_last: bool = False,
+        limit_batches: int | None = None,
+    ) -> None:
+        self.images = data.train_images.to(device)
+        self.targets = data.train_targets.to(device)
+        self.spec = data.spec
+        self.sampler, self.device, self.seed = sampler, device, int(seed)
+        self.augment, self.channels_last = augment, channels_last
+        self.limit_batches = limit_batches
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = int(epoch)
+        self.sampler.set_epoch(epoch)
+
+    def __len__(self) -> int:
+        n = len(self.sampler)
+        return min(n, self.limit_batches) if self.limit_batches else n
+
+    def iter_from(self, start: int = 0) -> Iterator[Triple]:
+        for step, index in enumerate(self.sampler.iter_from(start), start=start):
+            if step >= len(self):
+                return
+            index = index.to(self.device, non_blocking=True)
+            raw = self.images.index_select(0, index)
+            if self.augment:
+                gen = aug.seeded_generator(self.device, self.seed, self.epoch, step)
+                x = aug.augment_batch(raw, self.spec, gen)
+            else:
+                x = aug.normalize_batch(raw, self.spec)
+            if self.channels_last:
+                x = x.contiguous(memory_format=torch.channels_last)
+            yield x, self.targets.index_select(0, index), index
+
+    def __iter__(self) -> Iterator[Triple]:
+        return self.iter_from(0)
+
+
+class WorkerTrainLoader:
+    def __init__(
+        self,
+        data: Datasets,
+        sampler: BatchSampler,
+        device: torch.device,
+        seed: int,
+        num_workers: int = 2,
+        channels_last: bool = False,
+        limit_batches: int | None = None,
+    ) -> None:
+        source = data.train_folder if data.train_folder is not None else data.train_images
+        self.dataset = IndexedDataset(source, data.train_targets, data.spec, seed=seed, train=True)
+        self.sampler, self.device = sampler, device
+        self.num_workers, self.channels_last = int(num_workers), channels_last
+        self.limit_batches = limit_batches
+
+    def set_epoch(self, epoch: int) -> None:
+        self.sampler.set_epoch(epoch)
+        self.dataset.set_epoch(epoch)
+
+    def __len__(self) -> int:
+        n = len(self.sampler)
+        return min(n, self.limit_batches) if self.limit_batches else n
+
+    def iter_from(self, start: int = 0) -> Iterator[Triple]:
+        batches = [b.tolist() for b in self.sampler.iter_from(start)][: max(len(self) - start, 0)]
+        loader = torch.utils.data.DataLoader(
+            self.dataset,
+            batch_sampler=batches,
+            num_workers=self.num_workers,
+            pin_memory=self.device.type == "cuda",
+            persistent_workers=False,
+        )
+        for x, y, index in loader:
+            x = x.to(self.device, non_blocking=True)
+            if self.channels_last:
+                x = x.contiguous(memory_format=torch.channels_last)
+            yield x, y.to(self.device, non_blocking=True), index.to(self.device, non_blocking=True)
+
+    def __iter__(self) -> Iterator[Triple]:
+        return self.iter_from(0)
+
+
+def eval_batches(
+    data: Datasets,
+    device: torch.device,
+    batch_size: int,
+    loader: str,
+    num_workers: int = 2,
+    channels_last: bool = False,
+    limit_batches: int | None = None,
+) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """The test set in order, normalised, without augmentation."""
+    if loader == "device" and data.test_images is not None:
+        n = data.test_targets.shape[0]
+        images = data.test_images.to(device)
+        targets = data.test_targets.to(device)
+        for i, start in enumerate(range(0, n, batch_size)):
+            if limit_batches and i >= limit_batches:
+                return
+            x = aug.normalize_batch(images[start : start + batch_size], data.spec)
+            if channels_last:
+                x = x.contiguous(memory_format=torch.channels_last)
+            yield x, targets[start : start + batch_size]
+        return
+    source = data.test_folder if data.test_folder is not None else data.test_images
+    dataset = EvalDataset(source, data.test_targets, data.spec)
+    dl = torch.utils.data.DataLoader(
+        dataset,
+        batch_size=batch_size,
+        shuffle=False,
+        num_workers=num_workers,
+        pin_memory=device.type == "cuda",
+    )
+    for i, (x, y) in enumerate(dl):
+        if limit_batches and i >= limit_batches:
+            return
+        x = x.to(device, non_blocking=True)
+        if channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        yield x, y.to(device, non_blocking=True)
+
+
+def build_train_loader(
+    data: Datasets,
+    sampler: BatchSampler,
+    device: torch.device,
+    seed: int,
+    loader: str,
+    num_workers: int,
+    channels_last: bool,
+    limit_batches: int | None,
+):
+    if loader == "device":
+        if data.train_images is None:
+            raise ConfigError(
+                f"dataset.loader=device needs an in-memory dataset; {data.spec.name} is read "
+                "from image folders: use dataset.loader=workers"
+            )
+        return DeviceTrainLoader(
+            data, sampler, device, seed, channels_last=channels_last, limit_batches=limit_batches
+        )
+    if loader == "workers":
+        return WorkerTrainLoader(
+            data,
+            sampler,
+            device,
+            seed,
+            num_workers=num_workers,
+            channels_last=channels_last,
+            limit_batches=limit_batches,
+        )
+    raise ConfigError(f"dataset.loader={loader!r} is not one of: device, workers")

@@ -1,0 +1,471 @@
+"""The training engine: ``fit`` -> ``train_one_epoch`` / ``evaluate``.
+
+The engine owns what every method shares — autocast, ``backward``, gradient clipping, the
+optimizer and scheduler step, DDP wrapping, metric accumulation, evaluation, logging and
+checkpoints — and asks the :class:`~kdrun.methods.base.Method` only for its loss. It never
+branches on the method's name.
+
+Host synchronisation: the training step keeps running sums on the device (loss, correct
+predictions, sample counts, method logs, a non-finite-loss flag) and reads them only every
+``trainer.log_every`` steps and at the end of an epoch. A NaN/inf loss is therefore detected at
+the next logging point; the run then stops without writing a checkpoint, so the last good one
+stays.
+
+Resumability: a checkpoint records the completed epochs and the batches done in the current
+epoch. Batch order and augmentation are pure functions of ``(seed, epoch, step)``, so a run
+resumed from any checkpoint continues exactly like an uninterrupted one (on CPU: bit for bit).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import signal
+import time
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from kdrun import checkpoint as ckpt
+from kdrun import distributed
+from kdrun.console import Console
+from kdrun.data.datasets import Datasets
+from kdrun.data.loaders import build_train_loader, eval_batches
+from kdrun.data.samplers import BatchSampler
+from kdrun.errors import NonFiniteLossError
+from kdrun.loggers import Logger
+from kdrun.methods.base import Batch, Method, StepOutput
+from kdrun.metrics import classification_metrics
+from kdrun.schedules import Schedule
+
+log = logging.getLogger("kdrun")
+
+
+@dataclass
+class TrainerSettings:
+    epochs: int = 15
+    batch_size: int = 64
+    eval_every: int = 1
+    log_every: int = 50
+    limit_train_batches: int | None = None
+    limit_eval_batches: int | None = None
+    grad_clip: float | None = None
+    drop_last: bool = False
+    checkpoint_every_steps: int | None = None
+    eval_batch_size: int = 512
+    n_bins: int = 15
+
+
+@dataclass
+class HardwareSettings:
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    amp: str = "off"  # resolved: off | bf16 | fp16
+    compile: bool = False
+    channels_last: bool = False
+    num_workers: int = 2
+    loader: str = "device"
+    sync_bn: bool = False
+
+
+class Preempted(Exception):
+    """Raised after the checkpoint was written because SIGTERM/SIGUSR1 arrived."""
+
+
+class _SignalFlag:
+    """Records SIGTERM/SIGUSR1 so the loop can checkpoint at the next step boundary."""
+
+    def __init__(self) -> None:
+        self.signum: int | None = None
+        self._old: dict[int, Any] = {}
+
+    def install(self) -> None:
+        for sig in (signal.SIGTERM, signal.SIGUSR1):
+            with contextlib.suppress(ValueError):  # not the main thread
+                self._old[sig] = signal.signal(sig, self._handle)
+
+    def _handle(self, signum, frame) -> None:
+        self.signum = signum
+
+    def restore(self) -> None:
+        for sig, handler in self._old.items():
+            with contextlib.suppress(ValueError, TypeError):
+                signal.signal(sig, handler)
+
+
+class TrainModule(nn.Module):
+    """Model + method as one module, so DDP synchronises the gradients of both (heads too)."""
+
+    def __init__(self, model: nn.Module, method: Method) -> None:
+        super().__init__()
+        self.model = model
+        self.method = method
+
+    def forward(self, x: torch.Tensor, y: torch.Tensor, index: torch.Tensor) -> StepOutput:
+        return self.method.training_step(self.model, Batch(x, y, index))
+
+
+class Meter:
+    """Device-side running sums; ``read()`` is the only host sync."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self.reset()
+
+    def reset(self) -> None:
+        z = torch.zeros((), device=self.device, dtype=torch.float64)
+        self.loss_sum, self.correct, self.count, self.steps = z.clone(), z.clone(), z.clone(), z.clone()
+        self.nonfinite = torch.zeros((), device=self.device, dtype=torch.bool)
+        self.logs: dict[str, torch.Tensor] = {}
+
+    def update(self, out: StepOutput, targets: torch.Tensor) -> None:
+        loss = out.loss.detach()
+        self.nonfinite |= ~torch.isfinite(loss)
+        self.loss_sum += loss.double()
+        self.steps += 1
+        self.correct += (out.logits.detach().argmax(dim=-1) == targets).sum().double()
+        self.count += targets.shape[0]  # a Python scalar: no host-to-device copy
+        for key, value in out.logs.items():
+            acc = self.logs.get(key)
+            v = value.detach().double()
+            self.logs[key] = v if acc is None else acc + v
+
+    def read(self, reduce: bool = True) -> dict[str, float]:
+        keys = sorted(self.logs)
+        stacked = torch.stack([self.loss_sum, self.correct, self.count, self.steps,
+                               self.nonfinite.double(), *[self.logs[k] for k in keys]])
+        if reduce:
+            stacked = distributed.all_reduce_sum(stacked)
+        values = stacked.tolist()
+        loss_sum, correct, count, steps, nonfinite = values[:5]
+        steps = max(steps, 1.0)
+        out = {"loss": loss_sum / steps, "acc1": correct / max(count, 1.0),
+               "nonfinite": nonfinite > 0, "steps": steps}
+        out.update({k: v / steps for k, v in zip(keys, values[5:])})
+        return out
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"loss_sum": self.loss_sum, "correct": self.correct, "count": self.count,
+                "steps": self.steps, "logs": dict(self.logs)}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        for key in ("loss_sum", "correct", "count", "steps"):
+            setattr(self, key, state[key].to(self.device))
+        self.logs = {k: v.to(self.device) for k, v in state["logs"].items()}
+
+
+def resolve_amp(amp: str, device: torch.device) -> str:
+    """``auto`` -> bf16 on GPUs (and CPUs) with fast bf16, fp16 on other GPUs, else off."""
+    if amp != "auto":
+        return amp
+    if device.type == "cuda":
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+    try:
+        fast_bf16 = bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        fast_bf16 = False
+    return "bf16" if fast_bf16 else "off"
+
+
+def autocast(device: torch.device, amp: str):
+    if amp == "off":
+        return contextlib.nullcontext()
+    dtype = torch.bfloat16 if amp == "bf16" else torch.float16
+    return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+def count_params(module: nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters())
+
+
+@torch.no_grad()
+def predict(model: nn.Module, batches: Iterator[tuple[torch.Tensor, torch.Tensor]],
+            device: torch.device, amp: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """Concatenated fp32 logits and labels over ``batches`` (stays on the device)."""
+    was_training = model.training
+    model.eval()
+    logits, labels = [], []
+    try:
+        for x, y in batches:
+            with autocast(device, amp):
+                z = model(x)
+            logits.append(z.float())
+            labels.append(y)
+    finally:
+        model.train(was_training)
+    return torch.cat(logits), torch.cat(labels)
+
+
+class Trainer:
+    """Runs one training stage: a model, a method, data, an optimizer recipe."""
+
+    def __init__(
+        self,
+        *,
+        model: nn.Module,
+        method: Method,
+        data: Datasets,
+        optimizer_factory: Callable[..., torch.optim.Optimizer],
+        schedule: Schedule,
+        settings: TrainerSettings,
+        hardware: HardwareSettings,
+        seed: int,
+        run_dir: Path,
+        logger: Logger,
+        console: Console,
+        prefix: str = "",
+        plots: bool = True,
+    ) -> None:
+        self.model, self.method, self.data = model, method, data
+        self.settings, self.hw, self.seed = settings, hardware, int(seed)
+        self.run_dir, self.logger, self.console = Path(run_dir), logger, console
+        self.prefix = prefix  # e.g. "teacher/" for the stage of a two-stage method
+        self.plots = plots
+        self.device = hardware.device
+        self.dist = distributed.DistInfo(distributed.rank(), distributed.world_size())
+        self.ckpt_dir = self.run_dir / "checkpoints"
+
+        method.setup(model)
+        model.to(self.device)
+        method.to(self.device)
+        if hardware.channels_last:
+            model.to(memory_format=torch.channels_last)
+        self.train_module: nn.Module = TrainModule(model, method)
+        if self.dist.enabled:
+            if hardware.sync_bn:
+                self.train_module = nn.SyncBatchNorm.convert_sync_batchnorm(self.train_module)
+                self.model, self.method = self.train_module.model, self.train_module.method
+            self.train_module = nn.parallel.DistributedDataParallel(
+                self.train_module,
+                device_ids=[self.device.index] if self.device.type == "cuda" else None,
+                find_unused_parameters=False,
+            )
+        if hardware.compile:
+            self.train_module = torch.compile(self.train_module)
+
+        params = [p for p in list(self.model.parameters()) + list(self.method.parameters())
+                  if p.requires_grad]
+        self.optimizer = optimizer_factory(params)
+        sampler = method.train_batch_sampler(
+            data.train_targets, settings.batch_size, self.seed, self.dist.rank,
+            self.dist.world_size, settings.drop_last,
+        ) or BatchSampler(data.train_targets.shape[0], settings.batch_size, seed=self.seed,
+                          drop_last=settings.drop_last, rank=self.dist.rank,
+                          world_size=self.dist.world_size)
+        self.loader = build_train_loader(
+            data, sampler, self.device, self.seed, hardware.loader, hardware.num_workers,
+            hardware.channels_last, settings.limit_train_batches,
+        )
+        self.steps_per_epoch = max(len(self.loader), 1)
+        epochs = settings.epochs
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, lambda step: schedule(step / self.steps_per_epoch, epochs)
+        )
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=hardware.amp == "fp16")
+        self.meter = Meter(self.device)
+        self.window = Meter(self.device)
+        self.epoch = 0  # completed epochs
+        self.step_in_epoch = 0  # batches done in the current epoch
+        self.global_step = 0
+        self.best_acc1, self.best_epoch = -1.0, -1
+        self.last_test: dict[str, float] = {}
+        self.history: list[dict[str, float]] = []
+        self.train_time_s = 0.0  # accumulated over restarts
+        self.signals = _SignalFlag()
+
+    # ----- checkpoints --------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "model": self.model.state_dict(),
+            "method": self.method.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "scaler": self.scaler.state_dict(),
+            "epoch": self.epoch,
+            "step_in_epoch": self.step_in_epoch,
+            "global_step": self.global_step,
+            "best_acc1": self.best_acc1,
+            "best_epoch": self.best_epoch,
+            "last_test": dict(self.last_test),
+            "meter": self.meter.state_dict(),
+            "train_time_s": self.train_time_s,
+            "rng": ckpt.rng_state(),
+        }
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        self.model.load_state_dict(state["model"])
+        self.method.load_state_dict(state["method"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.scaler.load_state_dict(state["scaler"])
+        self.epoch = int(state["epoch"])
+        self.step_in_epoch = int(state["step_in_epoch"])
+        self.global_step = int(state["global_step"])
+        self.best_acc1 = float(state["best_acc1"])
+        self.best_epoch = int(state["best_epoch"])
+        self.last_test = dict(state.get("last_test", {}))
+        self.meter.load_state_dict(state["meter"])
+        self.train_time_s = float(state.get("train_time_s", 0.0))
+        ckpt.set_rng_state(state["rng"])
+
+    def save_checkpoint(self) -> None:
+        if self.dist.is_main:
+            ckpt.save_last(self.state_dict(), self.ckpt_dir)
+        distributed.barrier()
+
+    def save_best(self, metrics: Mapping[str, float]) -> None:
+        if self.dist.is_main:
+            export = self.method.eval_model(self.model)
+            ckpt.atomic_save({"model": export.state_dict(), "epoch": self.epoch,
+                              "metrics": dict(metrics)}, self.ckpt_dir / "best.ckpt")
+
+    # ----- loops --------------------------------------------------------------------------------
+    def fit(self, resume_state: Mapping[str, Any] | None = None) -> dict[str, Any]:
+        s = self.settings
+        if resume_state is not None:
+            self.load_state_dict(resume_state)
+            log.info("%sresumed at epoch %d step %d (global step %d)", self.prefix,
+                     self.epoch, self.step_in_epoch, self.global_step)
+        self.signals.install()
+        try:
+            while self.epoch < s.epochs:
+                started = time.perf_counter()
+                train_stats = self.train_one_epoch()
+                self.train_time_s += time.perf_counter() - started
+                self.epoch += 1
+                self.step_in_epoch = 0
+                record = {"epoch": self.epoch, **{f"{self.prefix}train/{k}": v
+                                                  for k, v in train_stats.items()}}
+                record.update({f"{self.prefix}{k}": v
+                               for k, v in self.method.on_epoch_end(self.epoch - 1).items()})
+                if self.epoch % s.eval_every == 0 or self.epoch == s.epochs:
+                    record.update(self.evaluate())
+                self.meter.reset()
+                self.logger.log_metrics(record, step=self.global_step)
+                self.history.append(record)
+                self.save_checkpoint()
+        finally:
+            self.signals.restore()
+        return {"train_time_s": self.train_time_s}
+
+    def train_one_epoch(self) -> dict[str, float]:
+        s, hw = self.settings, self.hw
+        self.loader.set_epoch(self.epoch)
+        self.method.on_epoch_start(self.epoch, s.epochs)
+        self.train_module.train()
+        total = len(self.loader)
+        self.console.start_epoch(self.epoch, s.epochs, total, self.step_in_epoch)
+        self.window.reset()
+        t0 = time.perf_counter()
+        try:
+            for x, y, index in self.loader.iter_from(self.step_in_epoch):
+                with autocast(self.device, hw.amp):
+                    out: StepOutput = self.train_module(x, y, index)
+                self.scaler.scale(out.loss).backward()
+                if s.grad_clip:
+                    self.scaler.unscale_(self.optimizer)
+                    nn.utils.clip_grad_norm_(self.optimizer.param_groups[0]["params"], s.grad_clip)
+                self.scaler.step(self.optimizer)
+                self.scaler.update()
+                self.optimizer.zero_grad(set_to_none=True)
+                self.scheduler.step()
+                targets = out.targets if out.targets is not None else y
+                self.meter.update(out, targets)
+                self.window.update(out, targets)
+                self.step_in_epoch += 1
+                self.global_step += 1
+                if self.global_step % s.log_every == 0:
+                    self._log_window()
+                self.console.advance()
+                if self.signals.signum is not None:
+                    self._check_finite()
+                    self.save_checkpoint()
+                    raise Preempted(f"signal {self.signals.signum}: checkpoint written at "
+                                    f"epoch {self.epoch} step {self.step_in_epoch}")
+                if s.checkpoint_every_steps and self.global_step % s.checkpoint_every_steps == 0:
+                    self._check_finite()
+                    self.save_checkpoint()
+        finally:
+            self.console.end_epoch()
+        stats = self.meter.read()
+        if stats.pop("nonfinite"):
+            self._raise_nonfinite()
+        stats.pop("steps")
+        stats["lr"] = self.optimizer.param_groups[0]["lr"]
+        stats["epoch_time_s"] = time.perf_counter() - t0
+        return stats
+
+    def _check_finite(self) -> None:
+        if bool(distributed.all_reduce_sum(self.meter.nonfinite.double()) > 0):
+            self._raise_nonfinite()
+
+    def _raise_nonfinite(self) -> None:
+        raise NonFiniteLossError(
+            f"non-finite loss in epoch {self.epoch + 1} (before global step {self.global_step}); "
+            "the last good checkpoint is kept — lower optim.lr or set trainer.grad_clip"
+        )
+
+    def _log_window(self) -> None:
+        stats = self.window.read()
+        self.window.reset()
+        if stats.pop("nonfinite"):
+            self._raise_nonfinite()
+        stats.pop("steps")
+        record = {"epoch": self.epoch + self.step_in_epoch / self.steps_per_epoch,
+                  f"{self.prefix}lr": self.optimizer.param_groups[0]["lr"],
+                  **{f"{self.prefix}train_step/{k}": v for k, v in stats.items()}}
+        self.logger.log_metrics(record, step=self.global_step)
+        if not self.console.interactive and self.dist.is_main:
+            log.info("%sepoch %d step %d/%d loss %.4f acc %.4f", self.prefix, self.epoch + 1,
+                     self.step_in_epoch, self.steps_per_epoch, stats["loss"], stats["acc1"])
+
+    def evaluate(self) -> dict[str, float]:
+        """Test metrics of the evaluated model (``method.eval_model``), logged as ``test/*``."""
+        s, hw = self.settings, self.hw
+        model = self.method.eval_model(self.model)
+        batches = eval_batches(self.data, self.device, s.eval_batch_size, hw.loader,
+                               hw.num_workers, hw.channels_last, s.limit_eval_batches)
+        logits, labels = predict(model, batches, self.device, hw.amp)
+        metrics = classification_metrics(logits, labels, n_bins=s.n_bins)
+        out = {f"{self.prefix}test/{k}": v for k, v in metrics.items()}
+        self.last_test = dict(out)
+        if metrics["acc1"] > self.best_acc1:
+            self.best_acc1, self.best_epoch = metrics["acc1"], self.epoch
+            self.save_best(out)
+        out[f"{self.prefix}test/acc1_best"] = self.best_acc1
+        out[f"{self.prefix}test/acc1_best_epoch"] = self.best_epoch
+        if self.plots and self.dist.is_main:
+            self._reliability_plot(logits, labels)
+        if self.dist.is_main:
+            log.info("%sepoch %d test acc1 %.4f nll %.4f ece %.4f", self.prefix, self.epoch,
+                     metrics["acc1"], metrics["nll"], metrics["ece"])
+        return out
+
+    def _reliability_plot(self, logits: torch.Tensor, labels: torch.Tensor) -> None:
+        from kdrun.plots import save_reliability_diagram
+
+        name = f"reliability_{self.prefix.strip('/') + '_' if self.prefix else ''}test"
+        png = self.run_dir / "plots" / f"{name}.png"
+        try:
+            save_reliability_diagram(logits, labels, self.settings.n_bins, png,
+                                     png.with_suffix(".json"),
+                                     title=f"{self.prefix}test, epoch {self.epoch}")
+            self.logger.log_image(f"{self.prefix}plots/reliability_test", png,
+                                  step=self.global_step)
+        except Exception as exc:  # a plot never kills training
+            log.warning("reliability diagram failed: %s", exc)
+
+    def final_metrics(self) -> dict[str, Any]:
+        """The last evaluation plus best-epoch figures, for summary.json."""
+        out = dict(self.last_test)
+        out[f"{self.prefix}test/acc1_best"] = self.best_acc1
+        out[f"{self.prefix}test/acc1_best_epoch"] = self.best_epoch
+        return out
+
+
+def is_finite_number(v: Any) -> bool:
+    return isinstance(v, (int, float)) and math.isfinite(v)
