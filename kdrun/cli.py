@@ -97,8 +97,9 @@ def load_resume_state(cfg: DictConfig, run_dir: Path, device: torch.device) -> d
     return ckpt.load(cfg.resume, map_location=device)
 
 
-def build_logger(cfg: DictConfig, run_dir: Path, is_main: bool, group: str | None,
-                 resumed_step: int | None):
+def build_logger(
+    cfg: DictConfig, run_dir: Path, is_main: bool, group: str | None, resumed_step: int | None
+):
     from kdrun.loggers import JsonlLogger, MultiLogger, WandbLogger
 
     if not is_main:
@@ -109,12 +110,19 @@ def build_logger(cfg: DictConfig, run_dir: Path, is_main: bool, group: str | Non
         choices = HydraConfig.get().runtime.choices
         tags = [str(cfg.dataset.name), choices.get("model"), choices.get("method")]
         tags += [str(t) for t in cfg.tags]
-        loggers.append(WandbLogger(
-            run_dir=run_dir, project=cfg.logger.project, entity=cfg.logger.get("entity"),
-            group=cfg.logger.get("group") or group, job_type=choices.get("method"),
-            tags=tags, name=cfg.get("name") or run_dir.name, mode=cfg.logger.mode,
-            config=OmegaConf.to_container(cfg, resolve=True),
-        ))
+        loggers.append(
+            WandbLogger(
+                run_dir=run_dir,
+                project=cfg.logger.project,
+                entity=cfg.logger.get("entity"),
+                group=cfg.logger.get("group") or group,
+                job_type=choices.get("method"),
+                tags=tags,
+                name=cfg.get("name") or run_dir.name,
+                mode=cfg.logger.mode,
+                config=OmegaConf.to_container(cfg, resolve=True),
+            )
+        )
     return MultiLogger(loggers)
 
 
@@ -135,8 +143,10 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     hw_cfg = cfg.hardware
     env_dist = distributed.env_dist_info()
     if hw_cfg.distributed and env_dist is None:
-        raise KdrunError("hardware=ddp needs a distributed launch: use torchrun "
-                         "--nproc_per_node=K -m kdrun hardware=ddp ... or SLURM tasks")
+        raise KdrunError(
+            "hardware=ddp needs a distributed launch: use torchrun "
+            "--nproc_per_node=K -m kdrun hardware=ddp ... or SLURM tasks"
+        )
     info = distributed.DistInfo()
     device = resolve_device(hw_cfg.device, env_dist.local_rank if env_dist else 0)
     if env_dist is not None and env_dist.world_size > 1:
@@ -161,21 +171,31 @@ def train(cfg: DictConfig) -> dict[str, Any]:
             file_handler = add_file_logging(run_dir)
             run_info = rundir.read_run_info(run_dir) or rundir.new_run_info(fp)
             resumed_before = run_info.get("status") is not None and run_dir != fresh_dir
-            run_info.update(status="running", pid=os.getpid(),
-                            restarts=run_info.get("restarts", 0) + int(resumed_before))
+            run_info.update(
+                status="running",
+                pid=os.getpid(),
+                restarts=run_info.get("restarts", 0) + int(resumed_before),
+            )
             rundir.write_run_info(run_dir, run_info)
             log.info("run dir: %s%s", run_dir, " (resumed)" if run_dir != fresh_dir else "")
             log.info("config:\n%s", OmegaConf.to_yaml(cfg, resolve=True))
 
         set_determinism(int(cfg.seed), bool(hw_cfg.deterministic))
         data = build_datasets(
-            cfg.dataset.name, root=cfg.dataset.root, fraction=float(cfg.dataset.fraction),
-            seed=int(cfg.seed), download=bool(cfg.dataset.download),
+            cfg.dataset.name,
+            root=cfg.dataset.root,
+            fraction=float(cfg.dataset.fraction),
+            seed=int(cfg.seed),
+            download=bool(cfg.dataset.download),
             **dataset_options(cfg),
         )
         spec = data.spec
-        model = instantiate(cfg.model, num_classes=spec.num_classes,
-                            in_channels=spec.in_channels, image_size=spec.image_size)
+        model = instantiate(
+            cfg.model,
+            num_classes=spec.num_classes,
+            in_channels=spec.in_channels,
+            image_size=spec.image_size,
+        )
         num_samples = int(data.train_targets.shape[0])
         method = instantiate(cfg.method, num_classes=spec.num_classes, num_samples=num_samples)
         optimizer_factory = instantiate(cfg.optim)
@@ -192,24 +212,47 @@ def train(cfg: DictConfig) -> dict[str, Any]:
 
         amp = resolve_amp(hw_cfg.amp, device)
         settings = TrainerSettings(
-            epochs=cfg.trainer.epochs, batch_size=cfg.trainer.batch_size,
-            eval_every=cfg.trainer.eval_every, log_every=cfg.trainer.log_every,
+            epochs=cfg.trainer.epochs,
+            batch_size=cfg.trainer.batch_size,
+            eval_every=cfg.trainer.eval_every,
+            log_every=cfg.trainer.log_every,
             limit_train_batches=cfg.trainer.limit_train_batches,
-            limit_eval_batches=cfg.trainer.limit_eval_batches, grad_clip=cfg.trainer.grad_clip,
+            limit_eval_batches=cfg.trainer.limit_eval_batches,
+            grad_clip=cfg.trainer.grad_clip,
             drop_last=cfg.trainer.drop_last,
             checkpoint_every_steps=cfg.trainer.checkpoint_every_steps,
-            eval_batch_size=cfg.eval.batch_size, n_bins=cfg.eval.n_bins,
+            eval_batch_size=cfg.eval.batch_size,
+            n_bins=cfg.eval.n_bins,
         )
         hardware = HardwareSettings(
-            device=device, amp=amp, compile=hw_cfg.compile, channels_last=hw_cfg.channels_last,
-            num_workers=hw_cfg.num_workers, loader=cfg.dataset.loader, sync_bn=hw_cfg.sync_bn,
+            device=device,
+            amp=amp,
+            compile=hw_cfg.compile,
+            channels_last=hw_cfg.channels_last,
+            num_workers=hw_cfg.num_workers,
+            loader=cfg.dataset.loader,
+            sync_bn=hw_cfg.sync_bn,
         )
-        log.info("device %s, amp %s, world size %d, %d training samples, %d classes",
-                 device, amp, info.world_size, num_samples, spec.num_classes)
+        log.info(
+            "device %s, amp %s, world size %d, %d training samples, %d classes",
+            device,
+            amp,
+            info.world_size,
+            num_samples,
+            spec.num_classes,
+        )
         trainer = Trainer(
-            model=model, method=method, data=data, optimizer_factory=optimizer_factory,
-            schedule=schedule, settings=settings, hardware=hardware, seed=int(cfg.seed),
-            run_dir=run_dir, logger=logger, console=console,
+            model=model,
+            method=method,
+            data=data,
+            optimizer_factory=optimizer_factory,
+            schedule=schedule,
+            settings=settings,
+            hardware=hardware,
+            seed=int(cfg.seed),
+            run_dir=run_dir,
+            logger=logger,
+            console=console,
         )
         timing = trainer.fit(state)
         choices = hc.runtime.choices

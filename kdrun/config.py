@@ -103,7 +103,9 @@ def check_value(key: str, value: Any, rule: Rule) -> None:
     if rule.choices is not None and value not in rule.choices:
         raise ConfigError(f"{key}={value!r} is not allowed: must be {rule.describe()}")
     if isinstance(value, (int, float)) and not isinstance(value, bool):
-        low_bad = rule.low is not None and (value <= rule.low if rule.low_open else value < rule.low)
+        low_bad = rule.low is not None and (
+            value <= rule.low if rule.low_open else value < rule.low
+        )
         high_bad = rule.high is not None and value > rule.high
         if low_bad or high_bad:
             raise ConfigError(f"{key}={value!r} is out of range: must be {rule.describe()}")

@@ -11,15 +11,33 @@ import sys
 from collections.abc import Mapping
 
 from rich.console import Console as RichConsole
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-from rich.progress import TimeRemainingColumn
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
 from rich.table import Table
 
 log = logging.getLogger("kdrun")
 
 # Metrics shown in the final table, in order; fractions shown as percentages.
-TABLE_KEYS = ["acc1", "acc5", "nll", "brier", "ece", "mce", "ece_adaptive", "ece_classwise",
-              "aurc", "eaurc", "auroc", "fpr95"]
+TABLE_KEYS = [
+    "acc1",
+    "acc5",
+    "nll",
+    "brier",
+    "ece",
+    "mce",
+    "ece_adaptive",
+    "ece_classwise",
+    "aurc",
+    "eaurc",
+    "auroc",
+    "fpr95",
+]
 PERCENT = {"acc1", "acc5", "ece", "mce", "ece_adaptive", "ece_classwise", "auroc", "fpr95"}
 
 
@@ -34,9 +52,14 @@ class Console:
         if not self.interactive:
             return
         self.progress = Progress(
-            TextColumn(f"epoch {epoch + 1}/{epochs}"), BarColumn(), MofNCompleteColumn(),
-            TimeElapsedColumn(), TimeRemainingColumn(), TextColumn("{task.fields[info]}"),
-            console=self.rich, transient=True,
+            TextColumn(f"epoch {epoch + 1}/{epochs}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TimeElapsedColumn(),
+            TimeRemainingColumn(),
+            TextColumn("{task.fields[info]}"),
+            console=self.rich,
+            transient=True,
         )
         self.progress.start()
         self.task = self.progress.add_task("train", total=total_steps, completed=start, info="")

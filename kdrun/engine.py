@@ -118,7 +118,12 @@ class Meter:
 
     def reset(self) -> None:
         z = torch.zeros((), device=self.device, dtype=torch.float64)
-        self.loss_sum, self.correct, self.count, self.steps = z.clone(), z.clone(), z.clone(), z.clone()
+        self.loss_sum, self.correct, self.count, self.steps = (
+            z.clone(),
+            z.clone(),
+            z.clone(),
+            z.clone(),
+        )
         self.nonfinite = torch.zeros((), device=self.device, dtype=torch.bool)
         self.logs: dict[str, torch.Tensor] = {}
 
@@ -136,21 +141,38 @@ class Meter:
 
     def read(self, reduce: bool = True) -> dict[str, float]:
         keys = sorted(self.logs)
-        stacked = torch.stack([self.loss_sum, self.correct, self.count, self.steps,
-                               self.nonfinite.double(), *[self.logs[k] for k in keys]])
+        stacked = torch.stack(
+            [
+                self.loss_sum,
+                self.correct,
+                self.count,
+                self.steps,
+                self.nonfinite.double(),
+                *[self.logs[k] for k in keys],
+            ]
+        )
         if reduce:
             stacked = distributed.all_reduce_sum(stacked)
         values = stacked.tolist()
         loss_sum, correct, count, steps, nonfinite = values[:5]
         steps = max(steps, 1.0)
-        out = {"loss": loss_sum / steps, "acc1": correct / max(count, 1.0),
-               "nonfinite": nonfinite > 0, "steps": steps}
+        out = {
+            "loss": loss_sum / steps,
+            "acc1": correct / max(count, 1.0),
+            "nonfinite": nonfinite > 0,
+            "steps": steps,
+        }
         out.update({k: v / steps for k, v in zip(keys, values[5:])})
         return out
 
     def state_dict(self) -> dict[str, Any]:
-        return {"loss_sum": self.loss_sum, "correct": self.correct, "count": self.count,
-                "steps": self.steps, "logs": dict(self.logs)}
+        return {
+            "loss_sum": self.loss_sum,
+            "correct": self.correct,
+            "count": self.count,
+            "steps": self.steps,
+            "logs": dict(self.logs),
+        }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         for key in ("loss_sum", "correct", "count", "steps"):
@@ -183,8 +205,12 @@ def count_params(module: nn.Module) -> int:
 
 
 @torch.no_grad()
-def predict(model: nn.Module, batches: Iterator[tuple[torch.Tensor, torch.Tensor]],
-            device: torch.device, amp: str) -> tuple[torch.Tensor, torch.Tensor]:
+def predict(
+    model: nn.Module,
+    batches: Iterator[tuple[torch.Tensor, torch.Tensor]],
+    device: torch.device,
+    amp: str,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Concatenated fp32 logits and labels over ``batches`` (stays on the device)."""
     was_training = model.training
     model.eval()
@@ -247,18 +273,36 @@ class Trainer:
         if hardware.compile:
             self.train_module = torch.compile(self.train_module)
 
-        params = [p for p in list(self.model.parameters()) + list(self.method.parameters())
-                  if p.requires_grad]
+        params = [
+            p
+            for p in list(self.model.parameters()) + list(self.method.parameters())
+            if p.requires_grad
+        ]
         self.optimizer = optimizer_factory(params)
         sampler = method.train_batch_sampler(
-            data.train_targets, settings.batch_size, self.seed, self.dist.rank,
-            self.dist.world_size, settings.drop_last,
-        ) or BatchSampler(data.train_targets.shape[0], settings.batch_size, seed=self.seed,
-                          drop_last=settings.drop_last, rank=self.dist.rank,
-                          world_size=self.dist.world_size)
+            data.train_targets,
+            settings.batch_size,
+            self.seed,
+            self.dist.rank,
+            self.dist.world_size,
+            settings.drop_last,
+        ) or BatchSampler(
+            data.train_targets.shape[0],
+            settings.batch_size,
+            seed=self.seed,
+            drop_last=settings.drop_last,
+            rank=self.dist.rank,
+            world_size=self.dist.world_size,
+        )
         self.loader = build_train_loader(
-            data, sampler, self.device, self.seed, hardware.loader, hardware.num_workers,
-            hardware.channels_last, settings.limit_train_batches,
+            data,
+            sampler,
+            self.device,
+            self.seed,
+            hardware.loader,
+            hardware.num_workers,
+            hardware.channels_last,
+            settings.limit_train_batches,
         )
         self.steps_per_epoch = max(len(self.loader), 1)
         epochs = settings.epochs
@@ -320,16 +364,23 @@ class Trainer:
     def save_best(self, metrics: Mapping[str, float]) -> None:
         if self.dist.is_main:
             export = self.method.eval_model(self.model)
-            ckpt.atomic_save({"model": export.state_dict(), "epoch": self.epoch,
-                              "metrics": dict(metrics)}, self.ckpt_dir / "best.ckpt")
+            ckpt.atomic_save(
+                {"model": export.state_dict(), "epoch": self.epoch, "metrics": dict(metrics)},
+                self.ckpt_dir / "best.ckpt",
+            )
 
     # ----- loops --------------------------------------------------------------------------------
     def fit(self, resume_state: Mapping[str, Any] | None = None) -> dict[str, Any]:
         s = self.settings
         if resume_state is not None:
             self.load_state_dict(resume_state)
-            log.info("%sresumed at epoch %d step %d (global step %d)", self.prefix,
-                     self.epoch, self.step_in_epoch, self.global_step)
+            log.info(
+                "%sresumed at epoch %d step %d (global step %d)",
+                self.prefix,
+                self.epoch,
+                self.step_in_epoch,
+                self.global_step,
+            )
         self.signals.install()
         try:
             while self.epoch < s.epochs:
@@ -338,10 +389,16 @@ class Trainer:
                 self.train_time_s += time.perf_counter() - started
                 self.epoch += 1
                 self.step_in_epoch = 0
-                record = {"epoch": self.epoch, **{f"{self.prefix}train/{k}": v
-                                                  for k, v in train_stats.items()}}
-                record.update({f"{self.prefix}{k}": v
-                               for k, v in self.method.on_epoch_end(self.epoch - 1).items()})
+                record = {
+                    "epoch": self.epoch,
+                    **{f"{self.prefix}train/{k}": v for k, v in train_stats.items()},
+                }
+                record.update(
+                    {
+                        f"{self.prefix}{k}": v
+                        for k, v in self.method.on_epoch_end(self.epoch - 1).items()
+                    }
+                )
                 if self.epoch % s.eval_every == 0 or self.epoch == s.epochs:
                     record.update(self.evaluate())
                 self.meter.reset()
@@ -384,8 +441,10 @@ class Trainer:
                 if self.signals.signum is not None:
                     self._check_finite()
                     self.save_checkpoint()
-                    raise Preempted(f"signal {self.signals.signum}: checkpoint written at "
-                                    f"epoch {self.epoch} step {self.step_in_epoch}")
+                    raise Preempted(
+                        f"signal {self.signals.signum}: checkpoint written at "
+                        f"epoch {self.epoch} step {self.step_in_epoch}"
+                    )
                 if s.checkpoint_every_steps and self.global_step % s.checkpoint_every_steps == 0:
                     self._check_finite()
                     self.save_checkpoint()
@@ -415,20 +474,36 @@ class Trainer:
         if stats.pop("nonfinite"):
             self._raise_nonfinite()
         stats.pop("steps")
-        record = {"epoch": self.epoch + self.step_in_epoch / self.steps_per_epoch,
-                  f"{self.prefix}lr": self.optimizer.param_groups[0]["lr"],
-                  **{f"{self.prefix}train_step/{k}": v for k, v in stats.items()}}
+        record = {
+            "epoch": self.epoch + self.step_in_epoch / self.steps_per_epoch,
+            f"{self.prefix}lr": self.optimizer.param_groups[0]["lr"],
+            **{f"{self.prefix}train_step/{k}": v for k, v in stats.items()},
+        }
         self.logger.log_metrics(record, step=self.global_step)
         if not self.console.interactive and self.dist.is_main:
-            log.info("%sepoch %d step %d/%d loss %.4f acc %.4f", self.prefix, self.epoch + 1,
-                     self.step_in_epoch, self.steps_per_epoch, stats["loss"], stats["acc1"])
+            log.info(
+                "%sepoch %d step %d/%d loss %.4f acc %.4f",
+                self.prefix,
+                self.epoch + 1,
+                self.step_in_epoch,
+                self.steps_per_epoch,
+                stats["loss"],
+                stats["acc1"],
+            )
 
     def evaluate(self) -> dict[str, float]:
         """Test metrics of the evaluated model (``method.eval_model``), logged as ``test/*``."""
         s, hw = self.settings, self.hw
         model = self.method.eval_model(self.model)
-        batches = eval_batches(self.data, self.device, s.eval_batch_size, hw.loader,
-                               hw.num_workers, hw.channels_last, s.limit_eval_batches)
+        batches = eval_batches(
+            self.data,
+            self.device,
+            s.eval_batch_size,
+            hw.loader,
+            hw.num_workers,
+            hw.channels_last,
+            s.limit_eval_batches,
+        )
         logits, labels = predict(model, batches, self.device, hw.amp)
         metrics = classification_metrics(logits, labels, n_bins=s.n_bins)
         out = {f"{self.prefix}test/{k}": v for k, v in metrics.items()}
@@ -441,8 +516,14 @@ class Trainer:
         if self.plots and self.dist.is_main:
             self._reliability_plot(logits, labels)
         if self.dist.is_main:
-            log.info("%sepoch %d test acc1 %.4f nll %.4f ece %.4f", self.prefix, self.epoch,
-                     metrics["acc1"], metrics["nll"], metrics["ece"])
+            log.info(
+                "%sepoch %d test acc1 %.4f nll %.4f ece %.4f",
+                self.prefix,
+                self.epoch,
+                metrics["acc1"],
+                metrics["nll"],
+                metrics["ece"],
+            )
         return out
 
     def _reliability_plot(self, logits: torch.Tensor, labels: torch.Tensor) -> None:
@@ -451,11 +532,17 @@ class Trainer:
         name = f"reliability_{self.prefix.strip('/') + '_' if self.prefix else ''}test"
         png = self.run_dir / "plots" / f"{name}.png"
         try:
-            save_reliability_diagram(logits, labels, self.settings.n_bins, png,
-                                     png.with_suffix(".json"),
-                                     title=f"{self.prefix}test, epoch {self.epoch}")
-            self.logger.log_image(f"{self.prefix}plots/reliability_test", png,
-                                  step=self.global_step)
+            save_reliability_diagram(
+                logits,
+                labels,
+                self.settings.n_bins,
+                png,
+                png.with_suffix(".json"),
+                title=f"{self.prefix}test, epoch {self.epoch}",
+            )
+            self.logger.log_image(
+                f"{self.prefix}plots/reliability_test", png, step=self.global_step
+            )
         except Exception as exc:  # a plot never kills training
             log.warning("reliability diagram failed: %s", exc)
 

@@ -17,8 +17,14 @@ import torch
 from tests.conftest import run_kdrun
 from tests.wandb_reader import history, read_records
 
-SMOKE = ["dataset=synthetic", "hardware=cpu", "trainer.epochs=2", "dataset.options.train_size=256",
-         "dataset.options.test_size=128", "dataset.options.image_size=16"]
+SMOKE = [
+    "dataset=synthetic",
+    "hardware=cpu",
+    "trainer.epochs=2",
+    "dataset.options.train_size=256",
+    "dataset.options.test_size=128",
+    "dataset.options.image_size=16",
+]
 
 
 def only_run_dir(cwd: Path) -> Path:
@@ -30,16 +36,44 @@ def only_run_dir(cwd: Path) -> Path:
 def test_smoke_run_writes_every_output(tmp_path):
     proc = run_kdrun([*SMOKE, "logger=wandb"], cwd=tmp_path)
     run = only_run_dir(tmp_path)
-    for rel in (".hydra/config.yaml", ".hydra/overrides.yaml", "kdrun.log", "metrics.jsonl",
-                "summary.json", "checkpoints/last.ckpt", "checkpoints/best.ckpt",
-                "plots/reliability_test.png", "plots/reliability_test.json", "run.json",
-                "wandb_id.txt"):
+    for rel in (
+        ".hydra/config.yaml",
+        ".hydra/overrides.yaml",
+        "kdrun.log",
+        "metrics.jsonl",
+        "summary.json",
+        "checkpoints/last.ckpt",
+        "checkpoints/best.ckpt",
+        "plots/reliability_test.png",
+        "plots/reliability_test.json",
+        "run.json",
+        "wandb_id.txt",
+    ):
         assert (run / rel).is_file(), rel
     summary = json.loads((run / "summary.json").read_text())
-    for key in ("method", "dataset", "model", "seed", "epochs", "params", "train_time_s",
-                "test/acc1", "test/acc5", "test/nll", "test/brier", "test/ece", "test/mce",
-                "test/ece_adaptive", "test/ece_classwise", "test/aurc", "test/eaurc",
-                "test/fpr95", "test/auroc", "test/acc1_best", "test/acc1_best_epoch"):
+    for key in (
+        "method",
+        "dataset",
+        "model",
+        "seed",
+        "epochs",
+        "params",
+        "train_time_s",
+        "test/acc1",
+        "test/acc5",
+        "test/nll",
+        "test/brier",
+        "test/ece",
+        "test/mce",
+        "test/ece_adaptive",
+        "test/ece_classwise",
+        "test/aurc",
+        "test/eaurc",
+        "test/fpr95",
+        "test/auroc",
+        "test/acc1_best",
+        "test/acc1_best_epoch",
+    ):
         assert key in summary, key
     assert summary["method"] == "ce" and summary["dataset"] == "synthetic"
     assert summary["model"] == "small_cnn" and summary["epochs"] == 2
@@ -83,8 +117,9 @@ def test_bad_input_gives_one_clear_line(tmp_path):
 
 
 def test_cifar100_without_data_says_what_to_download(tmp_path):
-    proc = run_kdrun(["dataset=cifar100", "dataset.download=false", "logger=none"],
-                     cwd=tmp_path, check=False)
+    proc = run_kdrun(
+        ["dataset=cifar100", "dataset.download=false", "logger=none"], cwd=tmp_path, check=False
+    )
     assert proc.returncode == 2
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1, proc.stderr
@@ -104,11 +139,23 @@ with patched_cifar_checksums(md5s):
 
 def test_cifar100_real_format_fixture_trains(tmp_path):
     data = tmp_path / "data"
-    args = ["dataset=cifar100", "trainer.epochs=1", "trainer.limit_train_batches=2",
-            "trainer.batch_size=32", "logger=none", "hardware=cpu", "model=resnet8"]
-    proc = subprocess.run([sys.executable, "-c", CIFAR_RUNNER, str(data), *args], cwd=tmp_path,
-                          capture_output=True, text=True, timeout=300,
-                          env={**os.environ, "KDRUN_DATA_DIR": str(data)})
+    args = [
+        "dataset=cifar100",
+        "trainer.epochs=1",
+        "trainer.limit_train_batches=2",
+        "trainer.batch_size=32",
+        "logger=none",
+        "hardware=cpu",
+        "model=resnet8",
+    ]
+    proc = subprocess.run(
+        [sys.executable, "-c", CIFAR_RUNNER, str(data), *args],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "KDRUN_DATA_DIR": str(data)},
+    )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     summary = json.loads((only_run_dir(tmp_path) / "summary.json").read_text())
     assert summary["dataset"] == "cifar100" and 0.0 <= summary["test/acc1"] <= 1.0
@@ -119,8 +166,9 @@ def wait_for(path: Path, proc: subprocess.Popen, timeout: float = 240) -> None:
     deadline = time.time() + timeout
     while not path.exists():
         if proc.poll() is not None:
-            raise AssertionError(f"process ended before {path} appeared:\n"
-                                 f"{proc.stdout.read()[-3000:]}")
+            raise AssertionError(
+                f"process ended before {path} appeared:\n{proc.stdout.read()[-3000:]}"
+            )
         if time.time() > deadline:
             proc.kill()
             raise AssertionError(f"{path} did not appear")
@@ -134,8 +182,14 @@ def test_resume_after_kill9_matches_uninterrupted_run(tmp_path):
     kill_dir.mkdir()
     run_kdrun(args, cwd=ref_dir)
     env = {**os.environ, "KDRUN_DATA_DIR": str(kill_dir / "data")}
-    proc = subprocess.Popen([sys.executable, "-m", "kdrun", *args], cwd=kill_dir, env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "kdrun", *args],
+        cwd=kill_dir,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
     runs = kill_dir / "outputs" / "runs"
     deadline = time.time() + 240
     while not list(runs.glob("*/checkpoints/last.ckpt")) and time.time() < deadline:
@@ -181,8 +235,17 @@ def test_corrupt_checkpoint_is_a_clear_error(tmp_path):
 def test_two_runs_started_together_get_their_own_dirs(tmp_path):
     args = [sys.executable, "-m", "kdrun", *SMOKE, "trainer.epochs=1", "logger=none"]
     env = {**os.environ, "KDRUN_DATA_DIR": str(tmp_path / "data")}
-    procs = [subprocess.Popen(args, cwd=tmp_path, env=env, stdout=subprocess.DEVNULL,
-                              stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    procs = [
+        subprocess.Popen(
+            args,
+            cwd=tmp_path,
+            env=env,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for _ in range(2)
+    ]
     for p in procs:
         assert p.wait(timeout=300) == 0, p.stderr.read()
     runs = sorted((tmp_path / "outputs" / "runs").iterdir())

@@ -51,6 +51,8 @@ import torch.nn.functional as F
 from torch.utils.data import Dataset
 from torchvision.datasets import ImageFolder
 
+from kdrun.errors import KdrunError
+
 __all__ = [
     "DATASET_NAMES",
     "DATASET_OPTIONS",
@@ -110,7 +112,7 @@ _TINY_MEAN, _TINY_STD = (0.4802, 0.4481, 0.3975), (0.2770, 0.2691, 0.2821)
 _IMAGENET_MEAN, _IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
 
-class DatasetError(RuntimeError):
+class DatasetError(KdrunError):
     """A user-facing dataset problem; ``str(err)`` is one line saying what to do."""
 
 

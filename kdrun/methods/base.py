@@ -78,8 +78,15 @@ class Method(nn.Module):
     def prepare(self, runner: StageRunner) -> None:
         """Run earlier stages (e.g. train a teacher) before the main training starts."""
 
-    def train_batch_sampler(self, targets: torch.Tensor, batch_size: int, seed: int,
-                            rank: int, world_size: int, drop_last: bool) -> BatchSampler | None:
+    def train_batch_sampler(
+        self,
+        targets: torch.Tensor,
+        batch_size: int,
+        seed: int,
+        rank: int,
+        world_size: int,
+        drop_last: bool,
+    ) -> BatchSampler | None:
         """A custom batch sampler, or None for the engine's shuffled batches."""
         return None
 
@@ -116,8 +123,9 @@ def soft_cross_entropy(logits: torch.Tensor, target: torch.Tensor) -> torch.Tens
     return -(target * F.log_softmax(logits.float(), dim=-1)).sum(dim=-1).mean()
 
 
-def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, T: float,
-            reduction: str = "mean") -> torch.Tensor:
+def kd_loss(
+    student_logits: torch.Tensor, teacher_logits: torch.Tensor, T: float, reduction: str = "mean"
+) -> torch.Tensor:
     """``T^2 * KL(softmax(z_t/T) || softmax(z_s/T))``: sum over classes, batch mean (or per
     sample with ``reduction='none'``). The teacher side is detached."""
     log_p_s = F.log_softmax(student_logits.float() / T, dim=-1)

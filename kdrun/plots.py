@@ -1,0 +1,142 @@
+"""Plots written next to a run (``kdrun.plots``).
+
+Contract
+--------
+``save_reliability_diagram(logits, labels, n_bins, png_path, json_path, title=None) -> dict``
+draws a reliability diagram -- per-bin accuracy bars over equal-width top-label-confidence bins
+``(i/n, (i+1)/n]``, the gap to the bin's mean confidence shaded, the diagonal of perfect
+calibration, ECE in the legend and title -- above a histogram of the confidences (share of
+samples per bin, with the overall accuracy and mean confidence marked). It writes the PNG and the
+bin data as JSON (keys ``n_bins``, ``n_samples``, ``edges``, ``counts``, ``accuracy``,
+``confidence``, ``ece``, ``mce``; see :func:`kdrun.metrics.reliability_bins`; the ``ece`` equals
+``classification_metrics(...)["ece"]`` for the same ``n_bins``), creating parent directories;
+each file is written to a temporary name and renamed into place. Returns that dict.
+
+matplotlib is imported lazily inside the function. Drawing uses ``matplotlib.figure.Figure`` with
+the Agg canvas directly, so no GUI backend is ever touched; ``matplotlib.use("Agg")`` is called
+only if ``matplotlib.pyplot`` has not been imported yet (switching the backend of an already
+imported pyplot would close the caller's figures).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+
+from torch import Tensor
+
+from kdrun.metrics import confidence_and_correct, reliability_bins
+
+__all__ = ["save_reliability_diagram"]
+
+
+def _atomic_write(path: Path, write) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+def save_reliability_diagram(
+    logits: Tensor,
+    labels: Tensor,
+    n_bins: int,
+    png_path: str | os.PathLike,
+    json_path: str | os.PathLike,
+    title: str | None = None,
+) -> dict:
+    """Write the reliability diagram PNG and its bin data JSON; return the bin data dict."""
+    conf, correct = confidence_and_correct(logits, labels)
+    data = reliability_bins(conf, correct, n_bins)
+
+    import matplotlib
+
+    if "matplotlib.pyplot" not in sys.modules:
+        matplotlib.use("Agg")
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    n = data["n_samples"]
+    nb = data["n_bins"]
+    edges = data["edges"]
+    counts = data["counts"]
+    acc = data["accuracy"]
+    cnf = data["confidence"]
+    width = 1.0 / nb
+    left = edges[:-1]
+    full = [i for i in range(nb) if counts[i] > 0]
+    overall_acc = sum(counts[i] * acc[i] for i in full) / n
+    overall_conf = sum(counts[i] * cnf[i] for i in full) / n
+
+    fig = Figure(figsize=(5.5, 6.5), dpi=120, layout="constrained")
+    FigureCanvasAgg(fig)
+    ax, hx = fig.subplots(2, 1, sharex=True, gridspec_kw={"height_ratios": [3, 1.2]})
+
+    ax.plot([0, 1], [0, 1], ls="--", color="0.45", lw=1.2, label="Perfect calibration", zorder=3)
+    ax.bar(
+        [left[i] for i in full],
+        [acc[i] for i in full],
+        width=width,
+        align="edge",
+        color="#4C72B0",
+        edgecolor="#1f3b63",
+        lw=0.8,
+        label="Accuracy",
+        zorder=2,
+    )
+    ax.bar(
+        [left[i] for i in full],
+        [cnf[i] - acc[i] for i in full],
+        bottom=[acc[i] for i in full],
+        width=width,
+        align="edge",
+        color="#DD8452",
+        alpha=0.35,
+        edgecolor="#C44E52",
+        hatch="//",
+        lw=0.8,
+        label=f"Gap (ECE = {100 * data['ece']:.2f}%)",
+        zorder=2,
+    )
+    ax.set_xlim(0, 1)
+    ax.set_ylim(0, 1)
+    ax.set_aspect("auto")
+    ax.set_ylabel("Accuracy")
+    ax.grid(True, color="0.9", lw=0.6, zorder=0)
+    ax.legend(loc="best", frameon=True, fontsize=9)
+    head = title if title else "Reliability diagram"
+    ax.set_title(
+        f"{head}\nECE {100 * data['ece']:.2f}%  MCE {100 * data['mce']:.2f}%  (N = {n}, {nb} bins)",
+        fontsize=10,
+    )
+
+    hx.bar(
+        left,
+        [100.0 * c / n for c in counts],
+        width=width,
+        align="edge",
+        color="0.6",
+        edgecolor="0.3",
+        lw=0.8,
+        zorder=2,
+    )
+    hx.axvline(overall_acc, color="#4C72B0", lw=1.5, ls="-", label=f"Accuracy {overall_acc:.3f}")
+    hx.axvline(
+        overall_conf, color="#C44E52", lw=1.5, ls="--", label=f"Mean confidence {overall_conf:.3f}"
+    )
+    hx.set_xlim(0, 1)
+    hx.set_xlabel("Confidence (max softmax probability)")
+    hx.set_ylabel("% of samples")
+    hx.grid(True, axis="y", color="0.9", lw=0.6, zorder=0)
+    hx.legend(loc="best", fontsize=8, framealpha=0.9)
+
+    _atomic_write(Path(png_path), lambda p: fig.savefig(p, format="png"))
+    text = json.dumps(data, indent=2) + "\n"
+    _atomic_write(Path(json_path), lambda p: p.write_text(text))
+    return data
