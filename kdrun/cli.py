@@ -29,8 +29,11 @@ from omegaconf import DictConfig, OmegaConf
 from kdrun import checkpoint as ckpt
 from kdrun import distributed, rundir
 from kdrun.config import validate
-from kdrun.data.datasets import DatasetError
+from kdrun.console import Console, SilentConsole
+from kdrun.data.datasets import DatasetError, build_datasets
+from kdrun.engine import HardwareSettings, TrainerSettings, count_params, resolve_amp
 from kdrun.errors import KdrunError
+from kdrun.stages import RunContext, StageRunner
 
 log = logging.getLogger("kdrun")
 
@@ -131,11 +134,38 @@ def dataset_options(cfg: DictConfig) -> dict[str, Any]:
     return dict(OmegaConf.to_container(options, resolve=True)) if options else {}
 
 
+def trainer_settings(cfg: DictConfig) -> TrainerSettings:
+    t = cfg.trainer
+    return TrainerSettings(
+        epochs=t.epochs,
+        batch_size=t.batch_size,
+        eval_every=t.eval_every,
+        log_every=t.log_every,
+        limit_train_batches=t.limit_train_batches,
+        limit_eval_batches=t.limit_eval_batches,
+        grad_clip=t.grad_clip,
+        drop_last=t.drop_last,
+        checkpoint_every_steps=t.checkpoint_every_steps,
+        eval_batch_size=cfg.eval.batch_size,
+        n_bins=cfg.eval.n_bins,
+    )
+
+
+def hardware_settings(cfg: DictConfig, device: torch.device, amp: str) -> HardwareSettings:
+    hw = cfg.hardware
+    return HardwareSettings(
+        device=device,
+        amp=amp,
+        compile=hw.compile,
+        channels_last=hw.channels_last,
+        num_workers=hw.num_workers,
+        loader=cfg.dataset.loader,
+        sync_bn=hw.sync_bn,
+    )
+
+
 def train(cfg: DictConfig) -> dict[str, Any]:
     """One complete run; returns the summary dict."""
-    from kdrun.console import Console, SilentConsole
-    from kdrun.data.datasets import build_datasets
-    from kdrun.engine import HardwareSettings, Trainer, TrainerSettings, count_params, resolve_amp
 
     hc = HydraConfig.get()
     multirun = hc.mode == RunMode.MULTIRUN
@@ -190,49 +220,17 @@ def train(cfg: DictConfig) -> dict[str, Any]:
             **dataset_options(cfg),
         )
         spec = data.spec
-        model = instantiate(
-            cfg.model,
-            num_classes=spec.num_classes,
-            in_channels=spec.in_channels,
-            image_size=spec.image_size,
-        )
         num_samples = int(data.train_targets.shape[0])
         method = instantiate(cfg.method, num_classes=spec.num_classes, num_samples=num_samples)
-        optimizer_factory = instantiate(cfg.optim)
-        schedule = instantiate(cfg.schedule)
         group = None
         if multirun:
             group = Path(hc.sweep.dir).name
         elif hc.runtime.choices.get("experiment"):
             group = hc.runtime.choices.get("experiment")
-        state = load_resume_state(cfg, run_dir, device)
-        resumed_step = int(state["global_step"]) if state is not None else None
+        resumed_step = rundir.last_logged_step(run_dir) if cfg.resume != "never" else None
         logger = build_logger(cfg, run_dir, info.is_main, group, resumed_step)
         console = Console() if info.is_main else SilentConsole()
-
         amp = resolve_amp(hw_cfg.amp, device)
-        settings = TrainerSettings(
-            epochs=cfg.trainer.epochs,
-            batch_size=cfg.trainer.batch_size,
-            eval_every=cfg.trainer.eval_every,
-            log_every=cfg.trainer.log_every,
-            limit_train_batches=cfg.trainer.limit_train_batches,
-            limit_eval_batches=cfg.trainer.limit_eval_batches,
-            grad_clip=cfg.trainer.grad_clip,
-            drop_last=cfg.trainer.drop_last,
-            checkpoint_every_steps=cfg.trainer.checkpoint_every_steps,
-            eval_batch_size=cfg.eval.batch_size,
-            n_bins=cfg.eval.n_bins,
-        )
-        hardware = HardwareSettings(
-            device=device,
-            amp=amp,
-            compile=hw_cfg.compile,
-            channels_last=hw_cfg.channels_last,
-            num_workers=hw_cfg.num_workers,
-            loader=cfg.dataset.loader,
-            sync_bn=hw_cfg.sync_bn,
-        )
         log.info(
             "device %s, amp %s, world size %d, %d training samples, %d classes",
             device,
@@ -241,19 +239,24 @@ def train(cfg: DictConfig) -> dict[str, Any]:
             num_samples,
             spec.num_classes,
         )
-        trainer = Trainer(
-            model=model,
-            method=method,
+        ctx = RunContext(
+            cfg=cfg,
             data=data,
-            optimizer_factory=optimizer_factory,
-            schedule=schedule,
-            settings=settings,
-            hardware=hardware,
-            seed=int(cfg.seed),
-            run_dir=run_dir,
+            hardware=hardware_settings(cfg, device, amp),
+            settings=trainer_settings(cfg),
             logger=logger,
             console=console,
+            run_dir=run_dir,
+            seed=int(cfg.seed),
+            is_main=info.is_main,
         )
+        runner = StageRunner(
+            ctx, cache_dir=Path(cfg.paths.teacher_cache), resume=cfg.resume != "never"
+        )
+        method.prepare(runner)
+        model = ctx.new_model()
+        trainer = ctx.make_trainer(model, method, step_offset=runner.step_offset)
+        state = load_resume_state(cfg, run_dir, device)
         timing = trainer.fit(state)
         choices = hc.runtime.choices
         summary: dict[str, Any] = {
@@ -266,6 +269,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
             "train_time_s": timing["train_time_s"],
             "world_size": info.world_size,
             "amp": amp,
+            **runner.summary,
             **trainer.final_metrics(),
             **method.summary(),
         }

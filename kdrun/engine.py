@@ -245,11 +245,13 @@ class Trainer:
         console: Console,
         prefix: str = "",
         plots: bool = True,
+        step_offset: int = 0,
     ) -> None:
         self.model, self.method, self.data = model, method, data
         self.settings, self.hw, self.seed = settings, hardware, int(seed)
         self.run_dir, self.logger, self.console = Path(run_dir), logger, console
         self.prefix = prefix  # e.g. "teacher/" for the stage of a two-stage method
+        self.step_offset = int(step_offset)  # logged step = step_offset + global_step
         self.plots = plots
         self.device = hardware.device
         self.dist = distributed.DistInfo(distributed.rank(), distributed.world_size())
@@ -332,6 +334,7 @@ class Trainer:
             "epoch": self.epoch,
             "step_in_epoch": self.step_in_epoch,
             "global_step": self.global_step,
+            "log_step": self.step_offset + self.global_step,
             "best_acc1": self.best_acc1,
             "best_epoch": self.best_epoch,
             "last_test": dict(self.last_test),
@@ -402,7 +405,7 @@ class Trainer:
                 if self.epoch % s.eval_every == 0 or self.epoch == s.epochs:
                     record.update(self.evaluate())
                 self.meter.reset()
-                self.logger.log_metrics(record, step=self.global_step)
+                self.logger.log_metrics(record, step=self.step_offset + self.global_step)
                 self.history.append(record)
                 self.save_checkpoint()
         finally:
@@ -479,7 +482,7 @@ class Trainer:
             f"{self.prefix}lr": self.optimizer.param_groups[0]["lr"],
             **{f"{self.prefix}train_step/{k}": v for k, v in stats.items()},
         }
-        self.logger.log_metrics(record, step=self.global_step)
+        self.logger.log_metrics(record, step=self.step_offset + self.global_step)
         if not self.console.interactive and self.dist.is_main:
             log.info(
                 "%sepoch %d step %d/%d loss %.4f acc %.4f",
@@ -541,7 +544,7 @@ class Trainer:
                 title=f"{self.prefix}test, epoch {self.epoch}",
             )
             self.logger.log_image(
-                f"{self.prefix}plots/reliability_test", png, step=self.global_step
+                f"{self.prefix}plots/reliability_test", png, step=self.step_offset + self.global_step
             )
         except Exception as exc:  # a plot never kills training
             log.warning("reliability diagram failed: %s", exc)

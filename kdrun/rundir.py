@@ -122,9 +122,36 @@ def new_run_info(fp: str) -> dict[str, Any]:
     }
 
 
+def checkpoint_files(run_dir: Path) -> list[Path]:
+    """Training checkpoints of the run and of its stages (``<stage>/checkpoints``)."""
+    run_dir = Path(run_dir)
+    found = []
+    for pattern in (
+        "checkpoints/last.ckpt",
+        "checkpoints/prev.ckpt",
+        "*/checkpoints/last.ckpt",
+        "*/checkpoints/prev.ckpt",
+    ):
+        found.extend(run_dir.glob(pattern))
+    return found
+
+
 def has_checkpoint(run_dir: Path) -> bool:
-    ckpts = Path(run_dir) / "checkpoints"
-    return (ckpts / "last.ckpt").exists() or (ckpts / "prev.ckpt").exists()
+    return bool(checkpoint_files(run_dir))
+
+
+def last_logged_step(run_dir: Path) -> int | None:
+    """The logging step of the newest readable checkpoint (events after it are stale)."""
+    import torch
+
+    steps = []
+    for path in checkpoint_files(run_dir):
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception:
+            continue
+        steps.append(int(state.get("log_step", state.get("global_step", 0))))
+    return max(steps) if steps else None
 
 
 def find_resumable(run_dir: Path, fp: str, multirun: bool) -> Path | None:

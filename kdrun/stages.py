@@ -1,0 +1,261 @@
+"""Run context and stage runner: how the CLI builds trainers, and how multi-stage methods
+(teacher then student, born-again generations) run their earlier stages.
+
+:class:`RunContext` holds what every stage of one run shares (config, data, device, settings,
+logger, console, run dir) and builds models and :class:`~kdrun.engine.Trainer` objects.
+
+:class:`StageRunner` is what a method's ``prepare(runner)`` receives. ``run_stage(name, method)``
+trains a fresh model with ``method`` and returns it frozen in eval mode:
+
+* the stage logs under the prefix ``<name>/`` (``teacher/test/acc1``) into the same
+  ``metrics.jsonl`` and W&B run, with steps that continue into the next stage;
+* it checkpoints into ``<run_dir>/<name>/checkpoints`` — a run killed during the stage resumes
+  the stage; a run killed later finds the finished stage and does not retrain it;
+* finished stages are cached under ``paths.teacher_cache`` by a hash of everything that
+  determines them (dataset, model, optimizer, schedule, trainer recipe, seed, amp, the stage
+  method's settings), so a sweep over student knobs trains each teacher once. While a stage
+  trains, its cache entry is locked: a parallel job with the same teacher waits and reuses it.
+"""
+
+from __future__ import annotations
+
+import copy
+import fcntl
+import hashlib
+import json
+import logging
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import torch
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+from torch import nn
+
+from kdrun import checkpoint as ckpt
+from kdrun import distributed
+from kdrun.console import Console
+from kdrun.data.datasets import Datasets
+from kdrun.engine import HardwareSettings, Trainer, TrainerSettings
+from kdrun.errors import CheckpointError
+from kdrun.loggers import Logger
+from kdrun.methods.base import Method
+
+log = logging.getLogger("kdrun")
+
+CACHE_VERSION = 1
+
+
+@dataclass
+class RunContext:
+    cfg: DictConfig
+    data: Datasets
+    hardware: HardwareSettings
+    settings: TrainerSettings
+    logger: Logger
+    console: Console
+    run_dir: Path
+    seed: int
+    is_main: bool = True
+
+    def new_model(self, model_cfg: DictConfig | None = None, seed_offset: int = 0) -> nn.Module:
+        """A freshly initialised model; the init depends only on (seed, seed_offset)."""
+        spec = self.data.spec
+        torch.manual_seed(self.seed + seed_offset)
+        return instantiate(
+            model_cfg if model_cfg is not None else self.cfg.model,
+            num_classes=spec.num_classes,
+            in_channels=spec.in_channels,
+            image_size=spec.image_size,
+        )
+
+    def make_trainer(
+        self,
+        model: nn.Module,
+        method: Method,
+        *,
+        prefix: str = "",
+        run_dir: Path | None = None,
+        settings: TrainerSettings | None = None,
+        step_offset: int = 0,
+    ) -> Trainer:
+        return Trainer(
+            model=model,
+            method=method,
+            data=self.data,
+            optimizer_factory=instantiate(self.cfg.optim),
+            schedule=instantiate(self.cfg.schedule),
+            settings=settings or self.settings,
+            hardware=self.hardware,
+            seed=self.seed,
+            run_dir=run_dir or self.run_dir,
+            logger=self.logger,
+            console=self.console,
+            prefix=prefix,
+            step_offset=step_offset,
+        )
+
+    def num_samples(self) -> int:
+        return int(self.data.train_targets.shape[0])
+
+
+def stage_key(
+    ctx: RunContext,
+    name: str,
+    method_settings: dict[str, Any],
+    model_cfg: DictConfig | None,
+    epochs: int,
+) -> str:
+    cfg = ctx.cfg
+    parts = {
+        "version": CACHE_VERSION,
+        "stage": name,
+        "dataset": OmegaConf.to_container(cfg.dataset, resolve=True),
+        "model": OmegaConf.to_container(
+            model_cfg if model_cfg is not None else cfg.model, resolve=True
+        ),
+        "optim": OmegaConf.to_container(cfg.optim, resolve=True),
+        "schedule": OmegaConf.to_container(cfg.schedule, resolve=True),
+        "epochs": epochs,
+        "batch_size": ctx.settings.batch_size,
+        "drop_last": ctx.settings.drop_last,
+        "limit_train_batches": ctx.settings.limit_train_batches,
+        "seed": ctx.seed,
+        "amp": ctx.hardware.amp,
+        "method": method_settings,
+    }
+    parts["dataset"].pop("root", None)
+    parts["dataset"].pop("loader", None)
+    blob = json.dumps(parts, sort_keys=True, default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+class StageRunner:
+    """Runs earlier training stages for a method's ``prepare``; see the module docstring."""
+
+    def __init__(self, ctx: RunContext, cache_dir: Path | None, resume: bool = True) -> None:
+        self.ctx = ctx
+        self.cache_dir = Path(cache_dir) if cache_dir else None
+        self.resume = resume
+        self.step_offset = 0
+        self.summary: dict[str, Any] = {}
+        self.stages_run: list[str] = []
+
+    def run_stage(
+        self,
+        name: str,
+        method: Method,
+        *,
+        method_settings: dict[str, Any] | None = None,
+        model_cfg: DictConfig | None = None,
+        epochs: int | None = None,
+        seed_offset: int = 1000,
+    ) -> nn.Module:
+        ctx = self.ctx
+        epochs = int(epochs or ctx.settings.epochs)
+        settings = replace(ctx.settings, epochs=epochs)
+        key = stage_key(
+            ctx, name, method_settings or {"class": type(method).__name__}, model_cfg, epochs
+        )
+        model = ctx.new_model(model_cfg, seed_offset=seed_offset)
+        cache_file = self.cache_dir / f"{name}-{key}.pt" if self.cache_dir else None
+        lock = _CacheLock(cache_file) if cache_file is not None and ctx.is_main else None
+        if lock is not None:
+            lock.acquire()  # waits while a parallel job trains the same stage
+        try:
+            use_cache = distributed.broadcast_object(self._cache_ok(cache_file))
+            if use_cache:
+                state = ckpt.load(cache_file, map_location=ctx.hardware.device)
+                model.load_state_dict(state["model"])
+                log.info("%s: reusing the cached stage %s", name, cache_file)
+                self.summary.update(state.get("metrics", {}))
+                self.summary[f"{name}/cached"] = True
+            else:
+                log.info(
+                    "%s: training the stage (%d epochs)%s",
+                    name,
+                    epochs,
+                    f", cache key {key}" if cache_file else "",
+                )
+                stage_dir = ctx.run_dir / name
+                trainer = ctx.make_trainer(
+                    model,
+                    method,
+                    prefix=f"{name}/",
+                    run_dir=stage_dir,
+                    settings=settings,
+                    step_offset=self.step_offset,
+                )
+                state = None
+                if self.resume:
+                    state = ckpt.load_latest(stage_dir / "checkpoints", ctx.hardware.device)
+                trainer.fit(state)
+                self.step_offset += trainer.global_step
+                metrics = trainer.final_metrics()
+                metrics[f"{name}/train_time_s"] = trainer.train_time_s
+                metrics.update({f"{name}/{k}": v for k, v in method.summary().items()})
+                self.summary.update(metrics)
+                self.summary[f"{name}/cached"] = False
+                model = trainer.model
+                if cache_file is not None and ctx.is_main:
+                    ckpt.atomic_save(
+                        {"model": model.state_dict(), "metrics": metrics, "key": key}, cache_file
+                    )
+        finally:
+            if lock is not None:
+                lock.release()
+        self.stages_run.append(name)
+        return freeze(model.to(ctx.hardware.device))
+
+    def load_model(self, path: str | Path, model_cfg: DictConfig | None = None) -> nn.Module:
+        """A frozen model from a checkpoint (``best.ckpt``, ``last.ckpt`` or a cache entry)."""
+        model = self.ctx.new_model(model_cfg)
+        state = ckpt.load(path, map_location=self.ctx.hardware.device)
+        try:
+            model.load_state_dict(state["model"])
+        except RuntimeError as exc:
+            raise CheckpointError(
+                f"checkpoint {path} does not fit the model ({str(exc).splitlines()[0][:120]}); "
+                "pass the model it was trained with"
+            ) from None
+        return freeze(model.to(self.ctx.hardware.device))
+
+    @staticmethod
+    def _cache_ok(cache_file: Path | None) -> bool:
+        if cache_file is None or not cache_file.exists():
+            return False
+        try:
+            ckpt.load(cache_file)
+            return True
+        except CheckpointError as err:
+            log.warning("ignoring a bad stage cache entry: %s", err)
+            return False
+
+
+def freeze(model: nn.Module) -> nn.Module:
+    model.eval()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    return model
+
+
+class _CacheLock:
+    def __init__(self, cache_file: Path) -> None:
+        self.path = cache_file.with_suffix(".lock")
+        self.fh = None
+
+    def acquire(self) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.fh = open(self.path, "a+")  # noqa: SIM115
+        fcntl.flock(self.fh.fileno(), fcntl.LOCK_EX)
+
+    def release(self) -> None:
+        if self.fh is not None:
+            fcntl.flock(self.fh.fileno(), fcntl.LOCK_UN)
+            self.fh.close()
+            self.fh = None
+
+
+def copy_frozen(model: nn.Module) -> nn.Module:
+    return freeze(copy.deepcopy(model))
