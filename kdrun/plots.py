@@ -61,6 +61,7 @@ def save_reliability_diagram(
         matplotlib.use("Agg")
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
+    from matplotlib.patches import Patch
 
     n = data["n_samples"]
     nb = data["n_bins"]
@@ -90,26 +91,50 @@ def save_reliability_diagram(
         label="Accuracy",
         zorder=2,
     )
+    # gap between accuracy and mean confidence: filled above an over-confident bar, hatch-only
+    # over the bar where the model is under-confident (so the accuracy bar stays visible)
+    gap_face, gap_edge = (0.87, 0.52, 0.32, 0.35), "#C44E52"
+    over = [i for i in full if cnf[i] >= acc[i]]
+    under = [i for i in full if cnf[i] < acc[i]]
     ax.bar(
-        [left[i] for i in full],
-        [cnf[i] - acc[i] for i in full],
-        bottom=[acc[i] for i in full],
+        [left[i] for i in over],
+        [cnf[i] - acc[i] for i in over],
+        bottom=[acc[i] for i in over],
         width=width,
         align="edge",
-        color="#DD8452",
-        alpha=0.35,
-        edgecolor="#C44E52",
+        facecolor=gap_face,
+        edgecolor=gap_edge,
         hatch="//",
         lw=0.8,
-        label=f"Gap (ECE = {100 * data['ece']:.2f}%)",
         zorder=2,
+    )
+    ax.bar(
+        [left[i] for i in under],
+        [acc[i] - cnf[i] for i in under],
+        bottom=[cnf[i] for i in under],
+        width=width,
+        align="edge",
+        facecolor="none",
+        edgecolor="#F4A582",
+        hatch="//",
+        lw=0.8,
+        zorder=2.5,
+    )
+    handles, _ = ax.get_legend_handles_labels()
+    handles.append(
+        Patch(
+            facecolor=gap_face,
+            edgecolor=gap_edge,
+            hatch="//",
+            label=f"Gap (ECE = {100 * data['ece']:.2f}%)",
+        )
     )
     ax.set_xlim(0, 1)
     ax.set_ylim(0, 1)
     ax.set_aspect("auto")
     ax.set_ylabel("Accuracy")
     ax.grid(True, color="0.9", lw=0.6, zorder=0)
-    ax.legend(loc="best", frameon=True, fontsize=9)
+    ax.legend(handles=handles, loc="best", frameon=True, fontsize=9)
     head = title if title else "Reliability diagram"
     ax.set_title(
         f"{head}\nECE {100 * data['ece']:.2f}%  MCE {100 * data['mce']:.2f}%  (N = {n}, {nb} bins)",
