@@ -1,8 +1,30 @@
-"""Training methods. Config files in ``conf/method/`` point their ``_target_`` here."""
+"""Training methods. Config files in ``conf/method/`` point their ``_target_`` here
+(``kdrun.methods.<Class>``); each class lives in its family's module and is imported on first
+use, so adding a method never slows down the import of the others."""
+
+from importlib import import_module
 
 from kdrun.methods.bank import SampleBank
 from kdrun.methods.base import Batch, Method, StepOutput, kd_loss, soft_cross_entropy
 from kdrun.methods.basic import CrossEntropy, LabelSmoothing
+
+#: public class name -> module that defines it
+_LAZY = {
+    "PSKD": "kdrun.methods.pskd",
+    "TFKDReg": "kdrun.methods.tfkd",
+    "TFKDSelf": "kdrun.methods.tfkd",
+    "CSKD": "kdrun.methods.cskd",
+    "BYOT": "kdrun.methods.byot",
+    "DLB": "kdrun.methods.dlb",
+    "BornAgain": "kdrun.methods.born_again",
+}
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        return getattr(import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'kdrun.methods' has no attribute {name!r}")
+
 
 __all__ = [
     "Batch",
@@ -13,4 +35,5 @@ __all__ = [
     "StepOutput",
     "kd_loss",
     "soft_cross_entropy",
+    *_LAZY,
 ]
