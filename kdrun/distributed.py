@@ -128,3 +128,80 @@ def barrier() -> None:
 def cleanup() -> None:
     if is_initialized():
         dist.destroy_process_group()
+
+
+class CPUSyncBatchNorm(torch.nn.modules.batchnorm._BatchNorm):
+    """Batch norm with statistics over the global batch of all ranks, for gloo/CPU.
+
+    PyTorch's ``nn.SyncBatchNorm`` refuses CPU modules under DDP; this computes the per-channel
+    sum, sum of squares and count locally, all-reduces them with the differentiable
+    ``torch.distributed.nn.functional.all_reduce`` (so gradients flow through the global
+    statistics exactly as in a single process with the whole batch), and normalises with the
+    global biased variance. Running statistics use the unbiased global variance, as BatchNorm does.
+    """
+
+    def _check_input_dim(self, x: torch.Tensor) -> None:
+        if x.dim() < 2:
+            raise ValueError(f"expected at least 2-D input, got {x.dim()}-D")
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not (self.training and is_initialized()):
+            return torch.nn.functional.batch_norm(
+                x,
+                self.running_mean,
+                self.running_var,
+                self.weight,
+                self.bias,
+                self.training or not self.track_running_stats,
+                self.momentum or 0.0,
+                self.eps,
+            )
+        from torch.distributed.nn.functional import all_reduce
+
+        dims = [0, *range(2, x.dim())]
+        xf = x.float()
+        count = torch.full((1,), xf.numel() / xf.shape[1], device=x.device, dtype=torch.float32)
+        packed = torch.cat([xf.sum(dims), (xf * xf).sum(dims), count])
+        packed = all_reduce(packed)
+        channels = x.shape[1]
+        total = packed[-1]
+        mean = packed[:channels] / total
+        var = packed[channels : 2 * channels] / total - mean * mean
+        if self.track_running_stats and self.running_mean is not None:
+            with torch.no_grad():
+                momentum = 0.1 if self.momentum is None else self.momentum
+                unbiased = var * total / (total - 1).clamp(min=1)
+                self.running_mean.mul_(1 - momentum).add_(momentum * mean)
+                self.running_var.mul_(1 - momentum).add_(momentum * unbiased)
+                self.num_batches_tracked.add_(1)
+        shape = [1, channels] + [1] * (x.dim() - 2)
+        y = (xf - mean.view(shape)) * torch.rsqrt(var.view(shape) + self.eps)
+        if self.affine:
+            y = y * self.weight.view(shape) + self.bias.view(shape)
+        return y.to(x.dtype)
+
+
+def convert_sync_batchnorm(module: torch.nn.Module, device_type: str) -> torch.nn.Module:
+    """BatchNorm layers -> synchronised ones: ``nn.SyncBatchNorm`` on CUDA, the CPU variant on
+    gloo. Parameters and buffers are shared with the original layers."""
+    if device_type == "cuda":
+        return torch.nn.SyncBatchNorm.convert_sync_batchnorm(module)
+    out = module
+    if isinstance(module, torch.nn.modules.batchnorm._BatchNorm) and not isinstance(
+        module, CPUSyncBatchNorm
+    ):
+        out = CPUSyncBatchNorm(
+            module.num_features,
+            module.eps,
+            module.momentum,
+            module.affine,
+            module.track_running_stats,
+        )
+        if module.affine:
+            out.weight, out.bias = module.weight, module.bias
+        out.running_mean, out.running_var = module.running_mean, module.running_var
+        out.num_batches_tracked = module.num_batches_tracked
+        out.train(module.training)
+    for name, child in module.named_children():
+        out.add_module(name, convert_sync_batchnorm(child, device_type))
+    return out

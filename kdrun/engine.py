@@ -265,7 +265,9 @@ class Trainer:
         self.train_module: nn.Module = TrainModule(model, method)
         if self.dist.enabled:
             if hardware.sync_bn:
-                self.train_module = nn.SyncBatchNorm.convert_sync_batchnorm(self.train_module)
+                self.train_module = distributed.convert_sync_batchnorm(
+                    self.train_module, self.device.type
+                )
                 self.model, self.method = self.train_module.model, self.train_module.method
             self.train_module = nn.parallel.DistributedDataParallel(
                 self.train_module,
@@ -544,7 +546,9 @@ class Trainer:
                 title=f"{self.prefix}test, epoch {self.epoch}",
             )
             self.logger.log_image(
-                f"{self.prefix}plots/reliability_test", png, step=self.step_offset + self.global_step
+                f"{self.prefix}plots/reliability_test",
+                png,
+                step=self.step_offset + self.global_step,
             )
         except Exception as exc:  # a plot never kills training
             log.warning("reliability diagram failed: %s", exc)

@@ -34,7 +34,14 @@ import torch.nn.functional as F
 
 from kdrun.data.datasets import DataSpec, item_seed
 
-__all__ = ["augment_batch", "normalize_batch", "per_sample_transform", "seeded_generator"]
+__all__ = [
+    "augment_batch",
+    "crop_flip",
+    "draw_crop_flip",
+    "normalize_batch",
+    "per_sample_transform",
+    "seeded_generator",
+]
 
 
 def seeded_generator(device: torch.device | str, *keys: int) -> torch.Generator:
@@ -72,18 +79,37 @@ def augment_batch(images: torch.Tensor, spec: DataSpec, generator: torch.Generat
         raise ValueError(
             f"augment={mode!r} has no batched on-device version; use dataset.loader=workers"
         )
+    offsets, flip = draw_crop_flip(images.shape[0], spec, generator)
+    return crop_flip(images, spec, offsets.to(images.device), flip.to(images.device))
+
+
+def draw_crop_flip(
+    n: int, spec: DataSpec, generator: torch.Generator
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Random crop offsets ``[2, n]`` (int64, in ``[0, 2 * padding]``) and flips ``[n]`` (bool)
+    for ``n`` samples, drawn on the generator's device."""
+    p = int(spec.crop_padding)
+    gdev = generator.device
+    offsets = torch.randint(0, 2 * p + 1, (2, n), generator=generator, device=gdev)
+    if spec.augment == "crop_flip":
+        flip = torch.rand(n, generator=generator, device=gdev) < 0.5
+    else:
+        flip = torch.zeros(n, dtype=torch.bool, device=gdev)
+    return offsets, flip
+
+
+def crop_flip(
+    images: torch.Tensor, spec: DataSpec, offsets: torch.Tensor, flip: torch.Tensor
+) -> torch.Tensor:
+    """Crop every image of a uint8 batch at the given offsets (``[2, B]``, into the zero-padded
+    image) and mirror where ``flip`` (``[B]``) is set, then normalise. Deterministic: the
+    randomness is in the arguments (see :func:`draw_crop_flip`)."""
+    _check_images(images)
+    if spec.augment == "none":
+        return normalize_batch(images, spec)
     b, c, h, w = images.shape
     p = int(spec.crop_padding)
     device = images.device
-    gdev = generator.device
-    offsets = torch.randint(0, 2 * p + 1, (2, b), generator=generator, device=gdev)
-    if mode == "crop_flip":
-        flip = torch.rand(b, generator=generator, device=gdev) < 0.5
-    else:
-        flip = torch.zeros(b, dtype=torch.bool, device=gdev)
-    if gdev != device:
-        offsets = offsets.to(device, non_blocking=True)
-        flip = flip.to(device, non_blocking=True)
     padded = F.pad(images, (p, p, p, p)) if p > 0 else images
     hp, wp = h + 2 * p, w + 2 * p
     # int32 flat indices are ~2x faster to build and gather on CPU; int64 only when needed

@@ -3,8 +3,12 @@
 Two interchangeable loaders yield ``(x, y, index)`` batches on the training device:
 
 * ``loader=device`` — the whole (small) dataset lives on the training device as uint8 tensors;
-  each batch is gathered with one ``index_select`` and augmented with batched tensor ops seeded by
-  ``(seed, epoch, step)`` (cifar10-airbench's idea). No worker processes, no host round trips.
+  each batch is gathered with one ``index_select`` and augmented with batched tensor ops
+  (cifar10-airbench's idea). No worker processes, no host round trips. The crop offsets and
+  flips are drawn once per epoch for every sample (a table seeded by ``(seed, epoch)``), so a
+  sample's augmentation depends only on ``(seed, epoch, index)`` — not on the batch it lands in,
+  the rank that trains it, or where a resumed run restarts. A DDP run therefore sees exactly the
+  images of the single-process run with the same global batch.
 * ``loader=workers`` — a ``torch.utils.data.DataLoader`` with per-sample torchvision transforms
   in worker processes, for folder datasets (ImageNet) that do not fit in memory.
 
@@ -45,9 +49,16 @@ class DeviceTrainLoader:
         self.limit_batches = limit_batches
         self.epoch = 0
 
+        self.offsets: torch.Tensor | None = None
+        self.flips: torch.Tensor | None = None
+
     def set_epoch(self, epoch: int) -> None:
         self.epoch = int(epoch)
         self.sampler.set_epoch(epoch)
+        if self.augment and self.spec.augment != "none":
+            gen = aug.seeded_generator(self.device, self.seed, self.epoch)
+            n = self.targets.shape[0]
+            self.offsets, self.flips = aug.draw_crop_flip(n, self.spec, gen)
 
     def __len__(self) -> int:
         n = len(self.sampler)
@@ -59,9 +70,9 @@ class DeviceTrainLoader:
                 return
             index = index.to(self.device, non_blocking=True)
             raw = self.images.index_select(0, index)
-            if self.augment:
-                gen = aug.seeded_generator(self.device, self.seed, self.epoch, step)
-                x = aug.augment_batch(raw, self.spec, gen)
+            if self.offsets is not None:
+                offsets = self.offsets.index_select(1, index)
+                x = aug.crop_flip(raw, self.spec, offsets, self.flips.index_select(0, index))
             else:
                 x = aug.normalize_batch(raw, self.spec)
             if self.channels_last:
