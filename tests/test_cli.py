@@ -251,3 +251,18 @@ def test_two_runs_started_together_get_their_own_dirs(tmp_path):
     runs = sorted((tmp_path / "outputs" / "runs").iterdir())
     assert len(runs) == 2
     assert all((r / "summary.json").is_file() for r in runs)
+
+
+FASHION = Path("/usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz")
+
+
+@pytest.mark.skipif(not FASHION.exists(), reason="Debian's dataset-fashion-mnist is not installed")
+def test_fashion_mnist_one_epoch_from_debian_files(tmp_path):
+    run_kdrun(["dataset=fashion_mnist", "trainer.epochs=1", "logger=none"], cwd=tmp_path,
+              timeout=600)
+    summary = json.loads((only_run_dir(tmp_path) / "summary.json").read_text())
+    assert summary["dataset"] == "fashion_mnist" and summary["model"] == "small_cnn"
+    assert summary["test/acc1"] > 0.85
+    # the files came from the Debian package, decompressed under the run's data root
+    raw = tmp_path / "data" / "FashionMNIST" / "raw"
+    assert (raw / "train-images-idx3-ubyte").stat().st_size == 47040016
