@@ -31,7 +31,13 @@ from kdrun import distributed, rundir
 from kdrun.config import validate
 from kdrun.console import Console, SilentConsole
 from kdrun.data.datasets import DatasetError, build_datasets
-from kdrun.engine import HardwareSettings, TrainerSettings, count_params, resolve_amp
+from kdrun.engine import (
+    HardwareSettings,
+    Preempted,
+    TrainerSettings,
+    count_params,
+    resolve_amp,
+)
 from kdrun.errors import KdrunError
 from kdrun.stages import RunContext, StageRunner
 
@@ -305,6 +311,10 @@ def _app(cfg: DictConfig) -> float | None:
     try:
         validate(cfg)
         summary = train(cfg)
+    except Preempted as exc:
+        # The checkpoint is written; end the process (and a local sweep) like the signal would.
+        logging.getLogger("kdrun").warning("stopping: %s", exc)
+        sys.exit(128 + (exc.signum or 15))
     except (KdrunError, DatasetError) as err:
         logging.getLogger("kdrun").error("%s", err)
         if multirun:

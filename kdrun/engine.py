@@ -75,6 +75,10 @@ class HardwareSettings:
 class Preempted(Exception):
     """Raised after the checkpoint was written because SIGTERM/SIGUSR1 arrived."""
 
+    def __init__(self, message: str, signum: int | None = None) -> None:
+        super().__init__(message)
+        self.signum = signum
+
 
 class _SignalFlag:
     """Records SIGTERM/SIGUSR1 so the loop can checkpoint at the next step boundary."""
@@ -448,7 +452,8 @@ class Trainer:
                     self.save_checkpoint()
                     raise Preempted(
                         f"signal {self.signals.signum}: checkpoint written at "
-                        f"epoch {self.epoch} step {self.step_in_epoch}"
+                        f"epoch {self.epoch} step {self.step_in_epoch}",
+                        signum=self.signals.signum,
                     )
                 if s.checkpoint_every_steps and self.global_step % s.checkpoint_every_steps == 0:
                     self._check_finite()

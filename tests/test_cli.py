@@ -162,19 +162,6 @@ def test_cifar100_real_format_fixture_trains(tmp_path):
     assert summary["params"] > 0
 
 
-def wait_for(path: Path, proc: subprocess.Popen, timeout: float = 240) -> None:
-    deadline = time.time() + timeout
-    while not path.exists():
-        if proc.poll() is not None:
-            raise AssertionError(
-                f"process ended before {path} appeared:\n{proc.stdout.read()[-3000:]}"
-            )
-        if time.time() > deadline:
-            proc.kill()
-            raise AssertionError(f"{path} did not appear")
-        time.sleep(0.02)
-
-
 def test_resume_after_kill9_matches_uninterrupted_run(tmp_path):
     args = [*SMOKE, "trainer.epochs=3", "trainer.checkpoint_every_steps=3", "logger=wandb"]
     ref_dir, kill_dir = tmp_path / "ref", tmp_path / "killed"
@@ -190,11 +177,7 @@ def test_resume_after_kill9_matches_uninterrupted_run(tmp_path):
         stderr=subprocess.STDOUT,
         text=True,
     )
-    runs = kill_dir / "outputs" / "runs"
-    deadline = time.time() + 240
-    while not list(runs.glob("*/checkpoints/last.ckpt")) and time.time() < deadline:
-        assert proc.poll() is None, proc.stdout.read()[-3000:]
-        time.sleep(0.02)
+    wait_for_glob(kill_dir / "outputs" / "runs", "*/checkpoints/last.ckpt", proc)
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
     run = only_run_dir(kill_dir)
@@ -258,11 +241,44 @@ FASHION = Path("/usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz")
 
 @pytest.mark.skipif(not FASHION.exists(), reason="Debian's dataset-fashion-mnist is not installed")
 def test_fashion_mnist_one_epoch_from_debian_files(tmp_path):
-    run_kdrun(["dataset=fashion_mnist", "trainer.epochs=1", "logger=none"], cwd=tmp_path,
-              timeout=600)
+    run_kdrun(
+        ["dataset=fashion_mnist", "trainer.epochs=1", "logger=none"], cwd=tmp_path, timeout=600
+    )
     summary = json.loads((only_run_dir(tmp_path) / "summary.json").read_text())
     assert summary["dataset"] == "fashion_mnist" and summary["model"] == "small_cnn"
     assert summary["test/acc1"] > 0.85
     # the files came from the Debian package, decompressed under the run's data root
     raw = tmp_path / "data" / "FashionMNIST" / "raw"
     assert (raw / "train-images-idx3-ubyte").stat().st_size == 47040016
+
+
+def test_sigterm_checkpoints_and_stops_then_resumes(tmp_path):
+    args = [*SMOKE, "trainer.epochs=4", "logger=none"]
+    env = {**os.environ, "KDRUN_DATA_DIR": str(tmp_path / "data")}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "kdrun", *args],
+        cwd=tmp_path,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    wait_for_glob(tmp_path / "outputs" / "runs", "*/checkpoints/last.ckpt", proc)
+    proc.send_signal(signal.SIGTERM)
+    out, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 128 + signal.SIGTERM, out[-2000:]
+    run = only_run_dir(tmp_path)
+    assert json.loads((run / "run.json").read_text())["status"] == "preempted"
+    state = torch.load(run / "checkpoints/last.ckpt", weights_only=True)
+    assert 1 <= state["epoch"] < 4
+    run_kdrun(args, cwd=tmp_path)
+    assert json.loads((run / "run.json").read_text())["status"] == "finished"
+    assert json.loads((run / "summary.json").read_text())["epochs"] == 4
+
+
+def wait_for_glob(root: Path, pattern: str, proc: subprocess.Popen, timeout: float = 240) -> None:
+    deadline = time.time() + timeout
+    while not list(root.glob(pattern)):
+        assert proc.poll() is None, proc.stdout.read()[-3000:]
+        assert time.time() < deadline, f"{pattern} did not appear under {root}"
+        time.sleep(0.02)
