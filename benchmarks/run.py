@@ -1,0 +1,161 @@
+"""kdrun benchmarks: method overhead per epoch relative to ``ce``, and metric computation time.
+
+Every method trains the same model on the same data with the same batches; methods are run in
+interleaved rounds (ce, m1, m2, ..., ce, m1, m2, ...) inside ONE process so machine-load drift
+hits all of them alike, and the median epoch time per method is divided by ce's. Printed as a
+table (and written as JSON with ``--json``), with the machine it ran on.
+
+    python benchmarks/run.py                      # default: small_cnn on 28x28 synthetic data
+    python benchmarks/run.py --model resnet8 --image-size 32 --rounds 5 --json bench.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from hydra import compose, initialize_config_dir  # noqa: E402
+from hydra.core.hydra_config import HydraConfig  # noqa: E402
+from hydra.utils import instantiate  # noqa: E402
+from omegaconf import open_dict  # noqa: E402
+from rich.console import Console  # noqa: E402
+from rich.table import Table  # noqa: E402
+
+from kdrun.cli import hardware_settings, trainer_settings  # noqa: E402
+from kdrun.console import SilentConsole  # noqa: E402
+from kdrun.data.datasets import build_datasets  # noqa: E402
+from kdrun.loggers import MultiLogger  # noqa: E402
+from kdrun.metrics import classification_metrics  # noqa: E402
+from kdrun.stages import RunContext  # noqa: E402
+
+DEFAULT_METHODS = ["ce", "label_smoothing", "tf_kd_reg", "ps_kd"]
+
+
+def compose_cfg(overrides: list[str]):
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+        cfg = compose("config", overrides=overrides, return_hydra_config=True)
+    HydraConfig.instance().set_config(cfg)
+    with open_dict(cfg):
+        del cfg["hydra"]
+    return cfg
+
+
+def make_trainer(method_name: str, args, device: torch.device, tmp: Path):
+    cfg = compose_cfg([
+        f"method={method_name}", "dataset=synthetic", f"model={args.model}", "hardware=cpu",
+        "logger=none", f"trainer.batch_size={args.batch_size}", "trainer.log_every=1000000",
+        f"dataset.options.train_size={args.train_size}", "dataset.options.test_size=64",
+        f"dataset.options.image_size={args.image_size}", f"dataset.options.channels={args.channels}",
+        f"trainer.epochs={10**6}",
+    ])
+    data = build_datasets("synthetic", root=str(tmp), **dict(cfg.dataset.options))
+    ctx = RunContext(cfg=cfg, data=data, hardware=hardware_settings(cfg, device, "off"),
+                     settings=trainer_settings(cfg), logger=MultiLogger([]),
+                     console=SilentConsole(), run_dir=tmp / method_name, seed=0)
+    method = instantiate(cfg.method, num_classes=data.spec.num_classes,
+                         num_samples=int(data.train_targets.shape[0]))
+    return ctx.make_trainer(ctx.new_model(), method)
+
+
+def time_epoch(trainer) -> float:
+    trainer.step_in_epoch = 0
+    start = time.perf_counter()
+    trainer.train_one_epoch()
+    if trainer.device.type == "cuda":
+        torch.cuda.synchronize()
+    trainer.epoch += 1
+    return time.perf_counter() - start
+
+
+def bench_methods(args, device: torch.device) -> dict[str, dict[str, float]]:
+    tmp = Path(tempfile.mkdtemp(prefix="kdrun-bench-"))
+    trainers = {m: make_trainer(m, args, device, tmp) for m in args.methods}
+    for trainer in trainers.values():  # warm-up epoch (allocator, oneDNN primitives)
+        time_epoch(trainer)
+    times: dict[str, list[float]] = {m: [] for m in args.methods}
+    for _ in range(args.rounds):
+        for name, trainer in trainers.items():
+            times[name].append(time_epoch(trainer))
+    base = statistics.median(times["ce"])
+    return {m: {"median_s": statistics.median(t), "ratio": statistics.median(t) / base,
+                "min_s": min(t), "max_s": max(t)} for m, t in times.items()}
+
+
+def bench_metrics(device: torch.device, repeats: int = 5) -> float:
+    gen = torch.Generator().manual_seed(0)
+    logits = torch.randn(50_000, 100, generator=gen).to(device)
+    labels = torch.randint(0, 100, (50_000,), generator=gen).to(device)
+    classification_metrics(logits, labels, n_bins=15)
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        classification_metrics(logits, labels, n_bins=15)
+        best = min(best, time.perf_counter() - start)
+    return best
+
+
+def machine() -> str:
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"
+    return (f"{cpu}, {os.cpu_count()} cores, torch {torch.__version__}, "
+            f"{torch.get_num_threads()} threads, {gpu}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--methods", nargs="+", default=DEFAULT_METHODS)
+    parser.add_argument("--model", default="small_cnn")
+    parser.add_argument("--image-size", type=int, default=28)
+    parser.add_argument("--channels", type=int, default=1)
+    parser.add_argument("--train-size", type=int, default=4096)
+    parser.add_argument("--batch-size", type=int, default=128)
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--json", type=Path, default=None)
+    args = parser.parse_args()
+    if "ce" not in args.methods:
+        args.methods = ["ce", *args.methods]
+    device = torch.device(args.device)
+    console = Console()
+    console.print(f"machine: {machine()}")
+    results = bench_methods(args, device)
+    metric_s = bench_metrics(device)
+    table = Table(title=f"per-epoch time relative to ce ({args.model}, {args.train_size} "
+                        f"{args.image_size}px samples, batch {args.batch_size}, "
+                        f"median of {args.rounds} interleaved rounds)")
+    for col in ("method", "median epoch s", "min s", "max s", "ratio to ce"):
+        table.add_column(col, justify="right")
+    for name, r in results.items():
+        table.add_row(name, f"{r['median_s']:.3f}", f"{r['min_s']:.3f}", f"{r['max_s']:.3f}",
+                      f"{r['ratio']:.3f}x")
+    console.print(table)
+    console.print(f"classification_metrics on 50,000 x 100 logits: {metric_s * 1000:.0f} ms "
+                  f"(best of 5)")
+    if args.json:
+        args.json.write_text(json.dumps({"machine": machine(), "methods": results,
+                                         "metrics_50k_x_100_s": metric_s,
+                                         "args": {k: v for k, v in vars(args).items()
+                                                  if k != "json"}}, indent=2))
+
+
+if __name__ == "__main__":
+    main()
