@@ -223,6 +223,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
             fraction=float(cfg.dataset.fraction),
             seed=int(cfg.seed),
             download=bool(cfg.dataset.download),
+            augment=str(cfg.dataset.get("augment", "default")),
             **dataset_options(cfg),
         )
         spec = data.spec

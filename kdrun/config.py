@@ -70,6 +70,7 @@ CORE_SCHEMA: dict[str, Rule] = {
     "dataset.fraction": Rule(NUM, low=0, high=1, low_open=True),
     "dataset.download": Rule(BOOL),
     "dataset.loader": Rule(STR, choices=("device", "workers")),
+    "dataset.augment": Rule(STR, choices=("default", "none")),
     "hardware.device": Rule(STR),
     "hardware.amp": Rule(STR, choices=("auto", "off", "bf16", "fp16")),
     "hardware.compile": Rule(BOOL),

@@ -37,6 +37,7 @@ synthetic       512 / 256      10       3 x 32 x 32  crop_flip (image_size // 8)
 
 from __future__ import annotations
 
+import dataclasses
 import gzip
 import math
 import os
@@ -678,13 +679,15 @@ def build_datasets(
     fraction: float = 1.0,
     seed: int = 0,
     download: bool = True,
+    augment: str = "default",
     **options: Any,
 ) -> Datasets:
     """Build the train/test data of dataset ``name`` with files under ``root``.
 
     ``fraction`` < 1 keeps a stratified training subset chosen with the run ``seed``
     (:func:`stratified_subset`). ``download`` allows torchvision downloads (CIFAR, Fashion-MNIST).
-    ``options`` are dataset-specific (:data:`DATASET_OPTIONS`; ``loader`` is ignored).
+    ``augment='none'`` turns the dataset's standard training augmentation off (``'default'``
+    keeps it). ``options`` are dataset-specific (:data:`DATASET_OPTIONS`; ``loader`` is ignored).
     Raises :class:`DatasetError` with a one-line message on any user-fixable problem.
     """
     if name not in _BUILDERS:
@@ -699,7 +702,11 @@ def build_datasets(
             f"allowed: {allowed}"
         )
     root_str = os.path.abspath(os.path.expanduser(os.fspath(root)))
+    if augment not in ("default", "none"):
+        raise DatasetError(f"dataset.augment={augment!r} must be default or none")
     data = _BUILDERS[name](root_str, bool(download), **opts)
+    if augment == "none":
+        data.spec = dataclasses.replace(data.spec, augment="none")
     if frac < 1.0:
         idx = stratified_subset(data.train_targets, frac, seed)
         data.train_targets = data.train_targets[idx].contiguous()
