@@ -265,6 +265,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         trainer = ctx.make_trainer(model, method, step_offset=runner.step_offset)
         state = load_resume_state(cfg, run_dir, device)
         timing = trainer.fit(state)
+        runner.final_metrics = trainer.final_metrics()
         choices = hc.runtime.choices
         summary: dict[str, Any] = {
             "method": choices.get("method"),

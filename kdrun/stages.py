@@ -121,7 +121,9 @@ def stage_key(
         "batch_size": ctx.settings.batch_size,
         "drop_last": ctx.settings.drop_last,
         "limit_train_batches": ctx.settings.limit_train_batches,
+        "grad_clip": ctx.settings.grad_clip,
         "seed": ctx.seed,
+        "seed_offset": seed_offset,
         "amp": ctx.hardware.amp,
         "method": method_settings,
     }
@@ -141,6 +143,9 @@ class StageRunner:
         self.step_offset = 0
         self.summary: dict[str, Any] = {}
         self.stages_run: list[str] = []
+        #: the main training's final metrics, set by the CLI after ``fit`` (for summaries that
+        #: tabulate every stage, e.g. born-again generations)
+        self.final_metrics: dict[str, Any] = {}
 
     def run_stage(
         self,
@@ -211,6 +216,10 @@ class StageRunner:
     def load_model(self, path: str | Path, model_cfg: DictConfig | None = None) -> nn.Module:
         """A frozen model from a checkpoint (``best.ckpt``, ``last.ckpt`` or a cache entry)."""
         model = self.ctx.new_model(model_cfg)
+        if not Path(path).is_file():
+            raise CheckpointError(
+                f"teacher checkpoint {path} does not exist: check method.teacher_ckpt"
+            )
         state = ckpt.load(path, map_location=self.ctx.hardware.device)
         try:
             model.load_state_dict(state["model"])

@@ -1,0 +1,221 @@
+"""Born-again networks — sequential self-distillation generations (Furlanello et al., "Born
+Again Neural Networks", ICML 2018; METHODS.md §1 and §6).
+
+Algorithm (``method=born_again``, ``G = generations``)::
+
+    gen 0          : fresh model, trained with CE                              (seed offset 1000)
+    gen k (0<k<G)  : fresh model of the same architecture, trained on the frozen gen k-1:
+                     loss = (1 - alpha) * CE(z_s, y) + alpha * D(z_s, z_t)     (seed offset 1000+k)
+
+with ``D = KD_T(z_s, z_t) = T^2 KL(softmax(z_t/T) || softmax(z_s/T))`` (``loss: kd``, batch mean,
+:func:`~kdrun.methods.base.kd_loss`) or ``D = MSE(p_s, p_t) = sum_c (softmax(z_s)_c -
+softmax(z_t)_c)^2`` averaged over the batch (``loss: mse``: squared error between the student's and
+the teacher's *probabilities* at temperature 1 — the "fit the previous round's predictions with a
+squared loss" setting analysed by Mobahi, Farajtabar & Bartlett, NeurIPS 2020, §6; ``T`` is not
+used by ``mse``). The teacher forward runs under ``no_grad`` in eval mode on the same augmented
+batch as the student.
+
+The last generation ``G-1`` is the run's main training (done by the engine after
+:meth:`BornAgain.prepare`), distilled from generation ``G-2``; with ``generations: 1`` it is plain
+CE. Generations ``0..G-2`` are stages ``gen0``, ``gen1``, ... of the
+:class:`~kdrun.stages.StageRunner`, so their metrics are logged with the generation index:
+``gen0/test/acc1``, ``gen1/test/acc1``, ...; the last generation is the unprefixed ``test/*``. The
+summary adds ``born_again/acc1_by_generation`` and ``born_again/ece_by_generation`` (lists in
+generation order; they cover generations ``0..G-2`` and also ``G-1`` when the runner exposes the
+final metrics as ``runner.final_metrics`` — otherwise the last one is ``test/acc1`` / ``test/ece``).
+
+Defaults: ``generations = 3``, ``alpha = 1`` (no ground truth for generations > 0, as in the
+paper's BAN), ``T = 1``, ``loss = kd``. ``alpha = 1``/``T = 1`` follow the paper (plain KL to the
+previous generation's softmax); ``generations = 3`` is **[reconstructed]** (the paper trains
+longer sequences; three generations are enough to see the "improves, then degrades" curve). Every
+generation uses the same recipe (optimizer, schedule, epochs, batch order: the data order depends
+only on the run seed); only the initialisation differs (seed offset ``1000 + k``; the main run's
+model uses offset 0).
+
+Cache: every stage's ``method_settings`` contain everything that determines it — generation index,
+loss, ``alpha``, ``T`` (for ``kd``), its seed offset, and (nested under ``previous``) the full
+settings of the generation it was distilled from — so the cache key chains: ``gen0`` is shared by
+every born-again run with the same recipe and seed whatever its ``alpha``/``T``/``loss``, ``gen1``
+by runs with the same loss settings, and ``generations: 4`` reuses ``gen0``/``gen1`` of a
+``generations: 3`` run. ``generations`` itself is not part of any stage's key. The previous
+generation is kept out of the module tree (not checkpointed, not optimised, not DDP-wrapped); on
+resume :meth:`prepare` runs again and the runner finds the finished stages in the run dir or the
+cache.
+
+Logs: ``train/ce`` and ``train/kd`` (or ``train/mse``): the bare terms before ``alpha``.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from kdrun.errors import ConfigError
+from kdrun.methods.base import Batch, Method, StepOutput, kd_loss
+from kdrun.methods.basic import CrossEntropy
+
+#: seed offset of generation k's initialisation is GEN_SEED_OFFSET + k (main run: 0)
+GEN_SEED_OFFSET = 1000
+
+
+def mse_probs(student_logits: torch.Tensor, teacher_logits: torch.Tensor) -> torch.Tensor:
+    """``sum_c (softmax(z_s)_c - softmax(z_t)_c)^2``, batch mean (fp32, teacher detached)."""
+    p_s = F.softmax(student_logits.float(), dim=-1)
+    p_t = F.softmax(teacher_logits.detach().float(), dim=-1)
+    return (p_s - p_t).pow(2).sum(dim=-1).mean()
+
+
+def distillation_step(
+    model: nn.Module,
+    teacher: nn.Module,
+    batch: Batch,
+    alpha: float,
+    T: float,
+    loss: str,
+) -> StepOutput:
+    """``(1 - alpha) CE(z_s, y) + alpha D(z_s, z_t)`` with the frozen ``teacher`` (eval mode,
+    ``no_grad``, same batch); ``D`` is ``KD_T`` (``loss='kd'``) or :func:`mse_probs`."""
+    logits = model(batch.x)
+    if teacher.training:
+        teacher.eval()
+    with torch.no_grad():
+        teacher_logits = teacher(batch.x)
+    ce = F.cross_entropy(logits.float(), batch.y)
+    if loss == "mse":
+        term = mse_probs(logits, teacher_logits)
+    else:
+        term = kd_loss(logits, teacher_logits, T)
+    total = (1.0 - alpha) * ce + alpha * term
+    return StepOutput(loss=total, logits=logits, logs={"ce": ce.detach(), loss: term.detach()})
+
+
+class BornAgainGeneration(Method):
+    """One distilled generation (a stage of :class:`BornAgain`): learns from ``teacher``, the
+    frozen previous generation, kept out of the module tree."""
+
+    name = "born_again_generation"
+
+    def __init__(
+        self,
+        *,
+        num_classes: int,
+        num_samples: int,
+        teacher: nn.Module,
+        alpha: float,
+        T: float,
+        loss: str,
+    ) -> None:
+        super().__init__(num_classes=num_classes, num_samples=num_samples)
+        object.__setattr__(self, "teacher", teacher)
+        self.alpha, self.T, self.loss = float(alpha), float(T), loss
+
+    def training_step(self, model: nn.Module, batch: Batch) -> StepOutput:
+        return distillation_step(model, self.teacher, batch, self.alpha, self.T, self.loss)
+
+
+class BornAgain(Method):
+    """``born_again``: ``generations`` sequential self-distillation generations; the engine
+    trains the last one. See the module docstring."""
+
+    name = "born_again"
+    ranges = {"generations": (1, None), "alpha": (0.0, 1.0), "T": (0.0, None)}
+
+    def __init__(
+        self,
+        *,
+        num_classes: int,
+        num_samples: int,
+        generations: int = 3,
+        alpha: float = 1.0,
+        T: float = 1.0,
+        loss: Literal["kd", "mse"] = "kd",
+    ) -> None:
+        super().__init__(num_classes=num_classes, num_samples=num_samples)
+        if int(generations) < 1:
+            raise ConfigError(f"method.generations={generations} must be >= 1")
+        if T <= 0:
+            raise ConfigError(f"method.T={T} must be > 0")
+        if loss not in ("kd", "mse"):
+            raise ConfigError(f"method.loss={loss!r} must be kd or mse")
+        self.generations = int(generations)
+        self.alpha, self.T, self.loss = float(alpha), float(T), loss
+        object.__setattr__(self, "teacher", None)  # generation G-2, set by prepare()
+        object.__setattr__(self, "_runner", None)
+        self.stage_settings: list[dict[str, Any]] = []
+
+    # ----- stages ---------------------------------------------------------------------------------
+    def generation_settings(self, k: int, previous: dict[str, Any] | None) -> dict[str, Any]:
+        """Everything that determines generation ``k`` (the cache key's method part)."""
+        settings: dict[str, Any] = {
+            "method": "born_again",
+            "generation": k,
+            "seed_offset": GEN_SEED_OFFSET + k,
+        }
+        if k == 0:
+            settings["loss"] = "ce"
+            return settings
+        settings.update(loss=self.loss, alpha=self.alpha, previous=previous)
+        if self.loss == "kd":
+            settings["T"] = self.T
+        return settings
+
+    def prepare(self, runner) -> None:
+        """Train (or reuse) generations ``0..G-2``; keep ``G-2`` as the frozen teacher."""
+        object.__setattr__(self, "_runner", runner)
+        self.stage_settings = []
+        previous_model: nn.Module | None = None
+        previous: dict[str, Any] | None = None
+        for k in range(self.generations - 1):
+            settings = self.generation_settings(k, previous)
+            if k == 0:
+                method: Method = CrossEntropy(
+                    num_classes=self.num_classes, num_samples=self.num_samples
+                )
+            else:
+                method = BornAgainGeneration(
+                    num_classes=self.num_classes,
+                    num_samples=self.num_samples,
+                    teacher=previous_model,
+                    alpha=self.alpha,
+                    T=self.T,
+                    loss=self.loss,
+                )
+            previous_model = runner.run_stage(
+                f"gen{k}",
+                method,
+                method_settings=settings,
+                seed_offset=GEN_SEED_OFFSET + k,
+            )
+            previous = settings
+            self.stage_settings.append(settings)
+        object.__setattr__(self, "teacher", previous_model)
+
+    # ----- training -------------------------------------------------------------------------------
+    def training_step(self, model: nn.Module, batch: Batch) -> StepOutput:
+        if self.generations == 1:
+            logits = model(batch.x)
+            loss = F.cross_entropy(logits.float(), batch.y)
+            return StepOutput(loss=loss, logits=logits, logs={"ce": loss.detach()})
+        if self.teacher is None:
+            raise RuntimeError("born_again: prepare(runner) must run before training")
+        return distillation_step(model, self.teacher, batch, self.alpha, self.T, self.loss)
+
+    def summary(self) -> dict[str, Any]:
+        stats = dict(self._runner.summary) if self._runner is not None else {}
+        acc1 = [stats.get(f"gen{k}/test/acc1") for k in range(self.generations - 1)]
+        ece = [stats.get(f"gen{k}/test/ece") for k in range(self.generations - 1)]
+        final = getattr(self._runner, "final_metrics", None) or {}
+        if "test/acc1" in final:  # the main run's (last generation's) metrics, when exposed
+            acc1.append(final.get("test/acc1"))
+            ece.append(final.get("test/ece"))
+        return {
+            "born_again/generations": self.generations,
+            "born_again/loss": self.loss,
+            "born_again/alpha": self.alpha,
+            "born_again/T": self.T,
+            "born_again/acc1_by_generation": acc1,
+            "born_again/ece_by_generation": ece,
+        }
