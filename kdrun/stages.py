@@ -106,6 +106,7 @@ def stage_key(
     method_settings: dict[str, Any],
     model_cfg: DictConfig | None,
     epochs: int,
+    seed_offset: int = 0,
 ) -> str:
     cfg = ctx.cfg
     parts = {
@@ -161,7 +162,12 @@ class StageRunner:
         epochs = int(epochs or ctx.settings.epochs)
         settings = replace(ctx.settings, epochs=epochs)
         key = stage_key(
-            ctx, name, method_settings or {"class": type(method).__name__}, model_cfg, epochs
+            ctx,
+            name,
+            method_settings or {"class": type(method).__name__},
+            model_cfg,
+            epochs,
+            seed_offset,
         )
         model = ctx.new_model(model_cfg, seed_offset=seed_offset)
         cache_file = self.cache_dir / f"{name}-{key}.pt" if self.cache_dir else None
