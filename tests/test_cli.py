@@ -282,3 +282,30 @@ def wait_for_glob(root: Path, pattern: str, proc: subprocess.Popen, timeout: flo
         assert proc.poll() is None, proc.stdout.read()[-3000:]
         assert time.time() < deadline, f"{pattern} did not appear under {root}"
         time.sleep(0.02)
+
+
+TINY8 = [
+    "dataset=synthetic",
+    "dataset.options.train_size=64",
+    "dataset.options.test_size=32",
+    "dataset.options.image_size=8",
+    "trainer.epochs=1",
+    "trainer.batch_size=32",
+    "logger=none",
+    "hardware=cpu",
+]
+
+
+@pytest.mark.parametrize("amp", ["bf16", "fp16"])
+def test_mixed_precision_and_channels_last_run(tmp_path, amp):
+    run_kdrun([*TINY8, f"hardware.amp={amp}", "hardware.channels_last=true"], cwd=tmp_path)
+    summary = json.loads((only_run_dir(tmp_path) / "summary.json").read_text())
+    assert summary["amp"] == amp
+    assert 0.0 <= summary["test/acc1"] <= 1.0 and summary["test/nll"] > 0
+
+
+@pytest.mark.slow
+def test_torch_compile_run(tmp_path):
+    run_kdrun([*TINY8, "hardware.compile=true"], cwd=tmp_path, timeout=900)
+    summary = json.loads((only_run_dir(tmp_path) / "summary.json").read_text())
+    assert summary["test/nll"] > 0
