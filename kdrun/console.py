@@ -21,23 +21,12 @@ from rich.progress import (
 )
 from rich.table import Table
 
+from kdrun.metrics import METRIC_KEYS
+
 log = logging.getLogger("kdrun")
 
-# Metrics shown in the final table, in order; fractions shown as percentages.
-TABLE_KEYS = [
-    "acc1",
-    "acc5",
-    "nll",
-    "brier",
-    "ece",
-    "mce",
-    "ece_adaptive",
-    "ece_classwise",
-    "aurc",
-    "eaurc",
-    "auroc",
-    "fpr95",
-]
+# Metrics shown in the final table, in metrics.py's order; fractions shown as percentages.
+TABLE_KEYS = METRIC_KEYS
 PERCENT = {"acc1", "acc5", "ece", "mce", "ece_adaptive", "ece_classwise", "auroc", "fpr95"}
 
 
