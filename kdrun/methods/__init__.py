@@ -17,6 +17,12 @@ _LAZY = {
     "BYOT": "kdrun.methods.byot",
     "DLB": "kdrun.methods.dlb",
     "BornAgain": "kdrun.methods.born_again",
+    "SelfRegulatedTeacher": "kdrun.methods.self_regulated",
+    "KDStudent": "kdrun.methods.self_regulated",
+    "SignificanceStudent": "kdrun.methods.self_regulated",
+    "RegulatedStudent": "kdrun.methods.self_regulated",
+    "HybridStudent": "kdrun.methods.self_regulated",
+    "LSSKD": "kdrun.methods.lsskd",
 }
 
 
