@@ -224,6 +224,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
             seed=int(cfg.seed),
             download=bool(cfg.dataset.download),
             augment=str(cfg.dataset.get("augment", "default")),
+            subset_seed=cfg.dataset.get("subset_seed"),
             **dataset_options(cfg),
         )
         spec = data.spec

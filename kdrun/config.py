@@ -71,6 +71,7 @@ CORE_SCHEMA: dict[str, Rule] = {
     "dataset.download": Rule(BOOL),
     "dataset.loader": Rule(STR, choices=("device", "workers")),
     "dataset.augment": Rule(STR, choices=("default", "none")),
+    "dataset.subset_seed": Rule(INT, low=0, nullable=True),
     "hardware.device": Rule(STR),
     "hardware.amp": Rule(STR, choices=("auto", "off", "bf16", "fp16")),
     "hardware.compile": Rule(BOOL),

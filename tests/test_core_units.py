@@ -118,3 +118,14 @@ def test_checkpoint_refuses_code_objects(tmp_path):
     torch.save({"model": {}, "x": Evil()}, tmp_path / "evil.ckpt")
     with pytest.raises(CheckpointError, match="evil.ckpt"):
         ckpt.load(tmp_path / "evil.ckpt")
+
+
+def test_subset_seed_fixes_the_subset_across_run_seeds(tmp_path):
+    from kdrun.data.datasets import build_datasets
+
+    a = build_datasets("digits", tmp_path, fraction=0.3, seed=1, subset_seed=7)
+    b = build_datasets("digits", tmp_path, fraction=0.3, seed=2, subset_seed=7)
+    c = build_datasets("digits", tmp_path, fraction=0.3, seed=2)
+    assert torch.equal(a.train_images, b.train_images)
+    assert not torch.equal(b.train_images, c.train_images)
+    assert torch.equal(a.train_targets.bincount(), c.train_targets.bincount())  # stratified

@@ -680,12 +680,14 @@ def build_datasets(
     seed: int = 0,
     download: bool = True,
     augment: str = "default",
+    subset_seed: int | None = None,
     **options: Any,
 ) -> Datasets:
     """Build the train/test data of dataset ``name`` with files under ``root``.
 
     ``fraction`` < 1 keeps a stratified training subset chosen with the run ``seed``
     (:func:`stratified_subset`). ``download`` allows torchvision downloads (CIFAR, Fashion-MNIST).
+    ``subset_seed`` fixes the subset independently of the run seed (None: use ``seed``).
     ``augment='none'`` turns the dataset's standard training augmentation off (``'default'``
     keeps it). ``options`` are dataset-specific (:data:`DATASET_OPTIONS`; ``loader`` is ignored).
     Raises :class:`DatasetError` with a one-line message on any user-fixable problem.
@@ -708,7 +710,9 @@ def build_datasets(
     if augment == "none":
         data.spec = dataclasses.replace(data.spec, augment="none")
     if frac < 1.0:
-        idx = stratified_subset(data.train_targets, frac, seed)
+        idx = stratified_subset(
+            data.train_targets, frac, seed if subset_seed is None else subset_seed
+        )
         data.train_targets = data.train_targets[idx].contiguous()
         if data.train_images is not None:
             data.train_images = data.train_images[idx].contiguous()
