@@ -233,6 +233,10 @@ def predict(
 class Trainer:
     """Runs one training stage: a model, a method, data, an optimizer recipe."""
 
+    #: a step whose ``StepOutput.weight`` sums to 0 over the ranks performs no update
+    #: (:meth:`_step_unless_empty`); methods read this to document what happened
+    skips_empty_steps = True
+
     def __init__(
         self,
         *,
@@ -435,7 +439,10 @@ class Trainer:
                 if s.grad_clip:
                     self.scaler.unscale_(self.optimizer)
                     nn.utils.clip_grad_norm_(self.optimizer.param_groups[0]["params"], s.grad_clip)
-                self.scaler.step(self.optimizer)
+                if out.weight is None:
+                    self.scaler.step(self.optimizer)
+                else:
+                    self._step_unless_empty(out.weight)
                 self.scaler.update()
                 self.optimizer.zero_grad(set_to_none=True)
                 self.scheduler.step()
@@ -467,6 +474,42 @@ class Trainer:
         stats["lr"] = self.optimizer.param_groups[0]["lr"]
         stats["epoch_time_s"] = time.perf_counter() - t0
         return stats
+
+    @torch.no_grad()
+    def _step_unless_empty(self, weight: torch.Tensor) -> None:
+        """The optimizer step, undone when no sample took part on any rank (``weight``, the
+        step's participant count, sums to 0) -- without a host sync. The parameters and the
+        floating optimizer state on the parameters' device are snapshotted, stepped, and blended
+        back as ``new * keep + old * (1 - keep)`` with ``keep`` in {0, 1} (exact for finite
+        values); state the step created is multiplied by ``keep`` (zeros = fresh SGD momentum /
+        Adam moments). Not restored: host-side scalars (Adam's ``step`` count unless
+        ``capturable``), BatchNorm running statistics (updated by the forward pass). The learning
+        rate schedule advances as on any step. Cost: one fused copy of the parameters and
+        optimizer state per step, only for methods that report ``weight``."""
+        total = distributed.all_reduce_sum(weight.detach().float().reshape(()))
+        keep = (total > 0).to(torch.float32)
+        device = keep.device
+        params = [p for g in self.optimizer.param_groups for p in g["params"] if p.device == device]
+
+        def state_tensors() -> dict[tuple[int, str], torch.Tensor]:
+            return {
+                (i, k): v
+                for i, p in enumerate(params)
+                for k, v in self.optimizer.state.get(p, {}).items()
+                if torch.is_tensor(v) and v.is_floating_point() and v.device == device
+            }
+
+        before = state_tensors()
+        saved = torch._foreach_mul([*params, *before.values()], 1.0)  # fused copy
+        self.scaler.step(self.optimizer)
+        after = state_tensors()
+        current = [*params, *(after[k] for k in before)]
+        created = [v for k, v in after.items() if k not in before]
+        torch._foreach_mul_(current, keep)
+        torch._foreach_mul_(saved, 1.0 - keep)
+        torch._foreach_add_(current, saved)
+        if created:
+            torch._foreach_mul_(created, keep)
 
     def _check_finite(self) -> None:
         if bool(distributed.all_reduce_sum(self.meter.nonfinite.double()) > 0):

@@ -11,9 +11,10 @@ trains a fresh model with ``method`` and returns it frozen in eval mode:
   ``metrics.jsonl`` and W&B run, with steps that continue into the next stage;
 * it checkpoints into ``<run_dir>/<name>/checkpoints`` — a run killed during the stage resumes
   the stage; a run killed later finds the finished stage and does not retrain it;
-* finished stages are cached under ``paths.teacher_cache`` by a hash of everything that
-  determines them (dataset, model, optimizer, schedule, trainer recipe, seed, amp, the stage
-  method's settings), so a sweep over student knobs trains each teacher once. While a stage
+* finished stages (the model and the stage method's state, e.g. per-sample counts) are cached
+  under ``paths.teacher_cache`` by a hash of everything that determines them (dataset, model,
+  optimizer, schedule, trainer recipe, seed, amp, the stage method's settings), so a sweep over
+  student knobs trains each teacher once. While a stage
   trains, its cache entry is locked: a parallel job with the same teacher waits and reuses it.
 """
 
@@ -179,6 +180,8 @@ class StageRunner:
             if use_cache:
                 state = ckpt.load(cache_file, map_location=ctx.hardware.device)
                 model.load_state_dict(state["model"])
+                if "method" in state:  # the stage method's state (e.g. per-sample counts)
+                    method.load_state_dict(state["method"], strict=False)
                 log.info("%s: reusing the cached stage %s", name, cache_file)
                 self.summary.update(state.get("metrics", {}))
                 self.summary[f"{name}/cached"] = True
@@ -211,7 +214,13 @@ class StageRunner:
                 model = trainer.model
                 if cache_file is not None and ctx.is_main:
                     ckpt.atomic_save(
-                        {"model": model.state_dict(), "metrics": metrics, "key": key}, cache_file
+                        {
+                            "model": model.state_dict(),
+                            "method": method.state_dict(),
+                            "metrics": metrics,
+                            "key": key,
+                        },
+                        cache_file,
                     )
         finally:
             if lock is not None:
