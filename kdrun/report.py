@@ -185,7 +185,14 @@ def write_plots(rows: list[dict[str, Any]], out: Path) -> list[Path]:
     import matplotlib.pyplot as plt
 
     written = []
-    labels = [f"{r['method']}\n{r['overrides']}".strip() for r in rows]
+    # overrides shared by every row go into the title; labels keep only what differs
+    token_sets = [set(r["overrides"].split()) for r in rows]
+    common = set.intersection(*token_sets) if token_sets else set()
+    labels = []
+    for r, tokens in zip(rows, token_sets):
+        extra = "\n".join(sorted(tokens - common))
+        labels.append(f"{r['method']}\n{extra}".strip())
+    subtitle = " ".join(sorted(common))
     for key in PLOT_METRICS:
         if not any(key in r for r in rows):
             continue
@@ -193,9 +200,10 @@ def write_plots(rows: list[dict[str, Any]], out: Path) -> list[Path]:
         means = [r.get(key, float("nan")) for r in rows]
         stds = [r.get(key + ":std", 0.0) for r in rows]
         ax.bar(range(len(rows)), means, yerr=stds, capsize=4, color="tab:blue", alpha=0.8)
-        ax.set_xticks(range(len(rows)), labels, fontsize=8)
+        ax.set_xticks(range(len(rows)), labels, fontsize=8, rotation=30 if len(rows) > 6 else 0)
         ax.set_ylabel(key)
-        ax.set_title(f"{key} (mean ± std over seeds)")
+        title = f"{key} (mean ± std over seeds)"
+        ax.set_title(title + (f"\n{subtitle}" if subtitle else ""), fontsize=9)
         finite = [m for m in means if math.isfinite(m)]
         if key.endswith("acc1") and finite:
             ax.set_ylim(max(0.0, min(finite) - 0.05), min(1.0, max(finite) + 0.03))
