@@ -14,6 +14,8 @@ from __future__ import annotations
 import json
 import logging
 import os
+import signal
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -205,15 +207,16 @@ def train(cfg: DictConfig) -> dict[str, Any]:
             if not lock.acquire():
                 raise KdrunError(f"run dir {run_dir} is in use by another kdrun process")
             file_handler = add_file_logging(run_dir)
-            run_info = rundir.read_run_info(run_dir) or rundir.new_run_info(fp)
-            resumed_before = run_info.get("status") is not None and run_dir != fresh_dir
+            existing = rundir.read_run_info(run_dir)
+            run_info = existing or rundir.new_run_info(fp)
+            resumed_before = bool(existing)
             run_info.update(
                 status="running",
                 pid=os.getpid(),
                 restarts=run_info.get("restarts", 0) + int(resumed_before),
             )
             rundir.write_run_info(run_dir, run_info)
-            log.info("run dir: %s%s", run_dir, " (resumed)" if run_dir != fresh_dir else "")
+            log.info("run dir: %s%s", run_dir, " (resumed)" if resumed_before else "")
             log.info("config:\n%s", OmegaConf.to_yaml(cfg, resolve=True))
 
         set_determinism(int(cfg.seed), bool(hw_cfg.deterministic))
@@ -308,6 +311,29 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         distributed.cleanup()
 
 
+def request_requeue(signum: int | None) -> None:
+    """Ask SLURM to run this job again after a SIGUSR1 checkpoint (the checkpoint is written).
+
+    SIGUSR1 is SLURM's warning before the time limit (``sbatch --signal=USR1@T``; the SLURM
+    launcher asks for it) or a manual ``scancel --signal=USR1``. In a hydra-submitit job,
+    submitit's own handler (restored by ``Trainer.fit``) resubmits the same job — same job number,
+    same run dir — with ``scontrol requeue`` and exits; in a plain ``sbatch`` job kdrun requeues
+    it itself and ``resume=auto`` finds the run again. SIGTERM needs nothing: SLURM sends it when
+    it preempts or requeues the job itself (and on ``scancel``, which must not requeue).
+    """
+    if signum != signal.SIGUSR1:
+        return
+    if os.environ.get("SUBMITIT_EXECUTOR"):
+        handler = signal.getsignal(signum)
+        if callable(handler):
+            handler(signum, None)  # submitit: checkpoint() + requeue + sys.exit
+        return
+    job_id = os.environ.get("SLURM_JOB_ID")
+    if job_id and os.environ.get("SLURM_PROCID", "0") == "0":
+        logging.getLogger("kdrun").warning("requeueing SLURM job %s", job_id)
+        subprocess.run(["scontrol", "requeue", job_id], check=False, timeout=60)
+
+
 @hydra.main(config_path="conf", config_name="config", version_base="1.3")
 def _app(cfg: DictConfig) -> float | None:
     multirun = HydraConfig.get().mode == RunMode.MULTIRUN
@@ -317,6 +343,7 @@ def _app(cfg: DictConfig) -> float | None:
     except Preempted as exc:
         # The checkpoint is written; end the process (and a local sweep) like the signal would.
         logging.getLogger("kdrun").warning("stopping: %s", exc)
+        request_requeue(exc.signum)
         sys.exit(128 + (exc.signum or 15))
     except (KdrunError, DatasetError) as err:
         logging.getLogger("kdrun").error("%s", err)
@@ -330,6 +357,9 @@ def _app(cfg: DictConfig) -> float | None:
 
 def main() -> None:
     """Console-script entry point."""
+    # submitit's preemption/time-limit signal (sbatch --signal, and its handler in the job) is
+    # SIGUSR2 unless this says otherwise; kdrun checkpoints on SIGUSR1/SIGTERM.
+    os.environ.setdefault("SUBMITIT_PREEMPT_SIGNAL", "USR1")
     _app()
 
 

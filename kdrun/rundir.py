@@ -34,7 +34,7 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
-IGNORED_KEYS = ("paths", "resume", "logger", "tags", "name")
+IGNORED_KEYS = ("paths", "resume", "logger", "launcher", "tags", "name")
 IGNORED_NESTED = (("hardware", "num_workers"), ("trainer", "log_every"))
 
 

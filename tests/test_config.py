@@ -18,7 +18,17 @@ from kdrun.methods.base import Method
 from kdrun.schedules import Schedule
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
-GROUPS = ["dataset", "model", "method", "optim", "schedule", "hardware", "logger", "experiment"]
+GROUPS = [
+    "dataset",
+    "model",
+    "method",
+    "optim",
+    "schedule",
+    "hardware",
+    "logger",
+    "experiment",
+    "launcher",
+]
 
 
 def options(group: str) -> list[str]:
