@@ -47,19 +47,31 @@ def compose_cfg(overrides: list[str]):
 def tiny_context(tmp_path: Path, overrides: list[str] = ()):
     """(cfg, ctx, runner) for a tiny real run in ``tmp_path``."""
     cfg = compose_cfg([*TINY, f"paths.teacher_cache={tmp_path / 'cache'}", *overrides])
-    data = build_datasets(cfg.dataset.name, root=str(tmp_path / "data"),
-                          fraction=float(cfg.dataset.fraction), seed=int(cfg.seed),
-                          **dict(cfg.dataset.options))
-    ctx = RunContext(cfg=cfg, data=data, hardware=hardware_settings(cfg, torch.device("cpu"), "off"),
-                     settings=trainer_settings(cfg), logger=JsonlLogger(tmp_path),
-                     console=SilentConsole(), run_dir=tmp_path, seed=int(cfg.seed))
+    data = build_datasets(
+        cfg.dataset.name,
+        root=str(tmp_path / "data"),
+        fraction=float(cfg.dataset.fraction),
+        seed=int(cfg.seed),
+        **dict(cfg.dataset.options),
+    )
+    ctx = RunContext(
+        cfg=cfg,
+        data=data,
+        hardware=hardware_settings(cfg, torch.device("cpu"), "off"),
+        settings=trainer_settings(cfg),
+        logger=JsonlLogger(tmp_path),
+        console=SilentConsole(),
+        run_dir=tmp_path,
+        seed=int(cfg.seed),
+    )
     runner = StageRunner(ctx, cache_dir=tmp_path / "cache")
     return cfg, ctx, runner
 
 
 def build_method(cfg, ctx, runner):
-    method = instantiate(cfg.method, num_classes=ctx.data.spec.num_classes,
-                         num_samples=ctx.num_samples())
+    method = instantiate(
+        cfg.method, num_classes=ctx.data.spec.num_classes, num_samples=ctx.num_samples()
+    )
     method.prepare(runner)
     model = ctx.new_model()
     method.setup(model)
@@ -69,9 +81,9 @@ def build_method(cfg, ctx, runner):
 def batches(ctx, method, epoch: int = 0, seed: int = 0):
     """The real training batches of one epoch, as :class:`Batch` objects."""
     s = ctx.settings
-    sampler = method.train_batch_sampler(ctx.data.train_targets, s.batch_size, seed, 0, 1,
-                                         s.drop_last) or BatchSampler(
-        ctx.num_samples(), s.batch_size, seed=seed)
+    sampler = method.train_batch_sampler(
+        ctx.data.train_targets, s.batch_size, seed, 0, 1, s.drop_last
+    ) or BatchSampler(ctx.num_samples(), s.batch_size, seed=seed)
     loader = DeviceTrainLoader(ctx.data, sampler, torch.device("cpu"), seed)
     loader.set_epoch(epoch)
     for x, y, index in loader:

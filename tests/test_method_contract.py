@@ -12,7 +12,9 @@ import torch
 
 from tests.method_utils import batches, build_method, tiny_context
 
-METHODS = sorted(p.stem for p in (Path(__file__).resolve().parents[1] / "conf/method").glob("*.yaml"))
+METHODS = sorted(
+    p.stem for p in (Path(__file__).resolve().parents[1] / "conf/method").glob("*.yaml")
+)
 
 
 def roundtrip(state: dict) -> dict:
@@ -36,7 +38,9 @@ def test_method_contract(name, tmp_path):
         assert out.logits.shape[-1] == ctx.data.spec.num_classes
         out.loss.backward()
         grads = [p.grad for p in model.parameters() if p.grad is not None]
-        assert grads and any(g.abs().sum() > 0 for g in grads), f"{name}: no gradient reaches the model"
+        assert grads and any(g.abs().sum() > 0 for g in grads), (
+            f"{name}: no gradient reaches the model"
+        )
         assert model.classifier.weight.grad is not None
         for v in out.logs.values():
             assert v.dim() == 0 and not v.requires_grad
@@ -56,4 +60,6 @@ def test_method_contract(name, tmp_path):
         else:
             assert value == other, f"{name}: {key} changed in the round trip"
     exported = method.eval_model(model)
-    assert sum(p.numel() for p in exported.parameters()) == sum(p.numel() for p in model.parameters())
+    assert sum(p.numel() for p in exported.parameters()) == sum(
+        p.numel() for p in model.parameters()
+    )

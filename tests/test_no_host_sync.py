@@ -12,7 +12,9 @@ import torch
 
 from tests.method_utils import build_method, tiny_context
 
-METHODS = sorted(p.stem for p in (Path(__file__).resolve().parents[1] / "conf/method").glob("*.yaml"))
+METHODS = sorted(
+    p.stem for p in (Path(__file__).resolve().parents[1] / "conf/method").glob("*.yaml")
+)
 SYNCING = ("item", "tolist", "cpu", "numpy", "__bool__", "__int__", "__float__")
 
 
@@ -54,8 +56,15 @@ def syncs_in_epoch(trainer, steps: int) -> SyncCounter:
 @pytest.mark.parametrize("name", METHODS)
 def test_host_syncs_do_not_grow_with_steps(name, tmp_path):
     cfg, ctx, runner = tiny_context(
-        tmp_path, [f"method={name}", "trainer.batch_size=8", "trainer.log_every=1000000",
-                   "trainer.epochs=4", "dataset.options.train_size=96"])
+        tmp_path,
+        [
+            f"method={name}",
+            "trainer.batch_size=8",
+            "trainer.log_every=1000000",
+            "trainer.epochs=4",
+            "dataset.options.train_size=96",
+        ],
+    )
     method, model = build_method(cfg, ctx, runner)
     trainer = ctx.make_trainer(model, method)
     syncs_in_epoch(trainer, 2)  # warm-up (lazy initialisation may sync once)
