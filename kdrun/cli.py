@@ -11,7 +11,6 @@ goes on). The W&B run is always finished, also on failure.
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import signal
@@ -361,7 +360,3 @@ def main() -> None:
     # SIGUSR2 unless this says otherwise; kdrun checkpoints on SIGUSR1/SIGTERM.
     os.environ.setdefault("SUBMITIT_PREEMPT_SIGNAL", "USR1")
     _app()
-
-
-def summary_json(run_dir: Path) -> dict[str, Any]:
-    return json.loads((Path(run_dir) / "summary.json").read_text())

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import math
 import signal
 import time
 from collections.abc import Callable, Iterator, Mapping
@@ -607,7 +606,3 @@ class Trainer:
         out[f"{self.prefix}test/acc1_best"] = self.best_acc1
         out[f"{self.prefix}test/acc1_best_epoch"] = self.best_epoch
         return out
-
-
-def is_finite_number(v: Any) -> bool:
-    return isinstance(v, (int, float)) and math.isfinite(v)

@@ -20,7 +20,6 @@ trains a fresh model with ``method`` and returns it frozen in eval mode:
 
 from __future__ import annotations
 
-import copy
 import fcntl
 import hashlib
 import json
@@ -279,7 +278,3 @@ class _CacheLock:
             fcntl.flock(self.fh.fileno(), fcntl.LOCK_UN)
             self.fh.close()
             self.fh = None
-
-
-def copy_frozen(model: nn.Module) -> nn.Module:
-    return freeze(copy.deepcopy(model))
