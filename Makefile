@@ -21,12 +21,12 @@ test-all: install  ## include tests marked slow
 	$(PYTHON) -m pytest -q --runslow $(PYTEST_ARGS)
 
 lint:  ## ruff lint + format check
-	ruff check kdrun tests scripts benchmarks
-	ruff format --check kdrun tests scripts benchmarks
+	ruff check kdrun tests scripts benchmarks hydra_plugins
+	ruff format --check kdrun tests scripts benchmarks hydra_plugins
 
 format:  ## apply ruff formatting and safe fixes
-	ruff check --fix kdrun tests scripts benchmarks
-	ruff format kdrun tests scripts benchmarks
+	ruff check --fix kdrun tests scripts benchmarks hydra_plugins
+	ruff format kdrun tests scripts benchmarks hydra_plugins
 
 bench:  ## method overhead and metric benchmarks (ratios measured in one run)
 	$(PYTHON) benchmarks/run.py

@@ -227,6 +227,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
             download=bool(cfg.dataset.download),
             augment=str(cfg.dataset.get("augment", "default")),
             subset_seed=cfg.dataset.get("subset_seed"),
+            val_fraction=float(cfg.dataset.get("val_fraction", 0.0)),
             **dataset_options(cfg),
         )
         spec = data.spec
@@ -280,13 +281,16 @@ def train(cfg: DictConfig) -> dict[str, Any]:
             "train_time_s": timing["train_time_s"],
             "world_size": info.world_size,
             "amp": amp,
+            # test/* metrics are on this split: the test set, or the held-out validation share
+            "eval_split": "validation" if float(cfg.dataset.get("val_fraction", 0)) else "test",
             **runner.summary,
             **trainer.final_metrics(),
             **method.summary(),
         }
         if info.is_main:
             logger.log_summary(summary)
-            console.metrics_table("final test metrics (last epoch)", summary)
+            split = summary["eval_split"]
+            console.metrics_table(f"final {split} metrics (last epoch)", summary)
         status, exit_code = "finished", 0
         return summary
     except BaseException as exc:

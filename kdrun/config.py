@@ -72,6 +72,7 @@ CORE_SCHEMA: dict[str, Rule] = {
     "dataset.loader": Rule(STR, choices=("device", "workers")),
     "dataset.augment": Rule(STR, choices=("default", "none")),
     "dataset.subset_seed": Rule(INT, low=0, nullable=True),
+    "dataset.val_fraction": Rule(NUM, low=0, high=1),
     "hardware.device": Rule(STR),
     "hardware.amp": Rule(STR, choices=("auto", "off", "bf16", "fp16")),
     "hardware.compile": Rule(BOOL),

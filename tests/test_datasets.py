@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gzip
+import math
 import os
 import pickle
 import socket
@@ -133,6 +134,50 @@ def test_fraction_subsets_training_set_only(tmp_path):
     assert torch.equal(sub.train_targets, full.train_targets[idx])
     assert torch.equal(sub.test_images, full.test_images)
     assert sub.num_train == idx.numel() and sub.num_test == 360
+
+
+def test_val_fraction_holds_out_a_fixed_stratified_share(tmp_path):
+    full = build_datasets("digits", tmp_path)
+    d = build_datasets("digits", tmp_path, val_fraction=0.2, seed=5)
+    n = full.num_train
+    assert d.num_test == math.ceil(0.2 * n) and d.num_train == n - d.num_test
+    # every held-out sample is a training sample, none of them is trained on, none is lost
+    rows = {
+        tuple(img.flatten().tolist()) + (int(y),) for img, y in zip(d.test_images, d.test_targets)
+    }
+    train_rows = {
+        tuple(img.flatten().tolist()) + (int(y),) for img, y in zip(d.train_images, d.train_targets)
+    }
+    all_rows = {
+        tuple(img.flatten().tolist()) + (int(y),)
+        for img, y in zip(full.train_images, full.train_targets)
+    }
+    assert rows <= all_rows and train_rows <= all_rows and not rows & train_rows
+    # stratified: per-class shares within one sample of 20 %
+    for c in range(10):
+        n_c = int((full.train_targets == c).sum())
+        assert abs(int((d.test_targets == c).sum()) - 0.2 * n_c) <= 1
+    # fixed by the data, not the run seed; fraction then subsamples the rest
+    d2 = build_datasets("digits", tmp_path, val_fraction=0.2, seed=9)
+    assert torch.equal(d.test_images, d2.test_images)
+    sub = build_datasets("digits", tmp_path, val_fraction=0.2, fraction=0.5, seed=9)
+    assert torch.equal(sub.test_targets, d.test_targets)
+    assert sub.num_train == stratified_subset(d.train_targets, 0.5, 9).numel()
+
+
+def test_val_fraction_on_folder_datasets(tmp_path):
+    write_fake_tiny_imagenet(tmp_path, n_classes=3, n_per_class=4, n_val_per_class=2)
+    d = build_datasets("tiny_imagenet", tmp_path, val_fraction=0.25)
+    assert len(d.test_folder) == 3 == d.num_test and len(d.train_folder) == 9 == d.num_train
+    assert "/train/" in d.test_folder.samples[0][0]
+    assert not {s for s, _ in d.test_folder.samples} & {s for s, _ in d.train_folder.samples}
+    assert d.test_targets.tolist() == [y for _, y in d.test_folder.samples]
+
+
+@pytest.mark.parametrize("bad", [-0.1, 1.0, "x", True])
+def test_bad_val_fraction_rejected(tmp_path, bad):
+    with pytest.raises(DatasetError, match="val_fraction"):
+        build_datasets("digits", tmp_path, val_fraction=bad)
 
 
 @pytest.mark.parametrize("bad", [0, 0.0, -0.5, 1.5, float("nan"), "x"])

@@ -12,6 +12,11 @@ Contract
   (:func:`stratified_subset`); sample indices are positions in the subset, ``0..N-1``. The test set
   is never subsampled. The subset depends on ``seed`` (the run seed); the data themselves
   (digits split, synthetic images) use fixed data seeds independent of the run seed.
+* ``val_fraction > 0`` holds a stratified share of the training set out of training and returns
+  it as the evaluation split in place of the test set (``test_*`` then hold the validation
+  samples), for hyperparameter searches that must not see the test set. The held-out split is
+  fixed by the data (seed 0), not the run seed, so every trial of a search is scored on the same
+  samples; ``fraction`` then subsamples the remaining training samples.
 * Every failure a user can cause or fix (missing files, no network, bad option) raises
   :class:`DatasetError` with a one-line message saying what to do; no traceback chain is attached.
 * :class:`IndexedDataset` (training, yields ``(x, y, index)``) and :class:`EvalDataset` (yields
@@ -37,6 +42,7 @@ synthetic       512 / 256      10       3 x 32 x 32  crop_flip (image_size // 8)
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import gzip
 import math
@@ -673,6 +679,26 @@ def _subset_folder(folder: ImageFolder, idx: torch.Tensor) -> None:
     folder.targets = [s[1] for s in folder.samples]
 
 
+def _hold_out_validation(data: Datasets, val_fraction: float) -> None:
+    """Replace the test split by a fixed stratified held-out share of the training split."""
+    train_idx, val_idx = _stratified_split(data.train_targets, val_fraction, seed=0)
+    if train_idx.numel() == 0 or val_idx.numel() == 0:
+        raise DatasetError(
+            f"dataset.val_fraction={val_fraction} leaves no training or no validation samples "
+            f"of {data.num_train}; choose a fraction between them"
+        )
+    targets = data.train_targets
+    data.test_targets = targets[val_idx].contiguous()
+    data.train_targets = targets[train_idx].contiguous()
+    if data.train_images is not None:
+        data.test_images = data.train_images[val_idx].contiguous()
+        data.train_images = data.train_images[train_idx].contiguous()
+    if data.train_folder is not None:
+        data.test_folder = copy.copy(data.train_folder)
+        _subset_folder(data.test_folder, val_idx)
+        _subset_folder(data.train_folder, train_idx)
+
+
 def build_datasets(
     name: str,
     root: str | os.PathLike[str],
@@ -681,6 +707,7 @@ def build_datasets(
     download: bool = True,
     augment: str = "default",
     subset_seed: int | None = None,
+    val_fraction: float = 0.0,
     **options: Any,
 ) -> Datasets:
     """Build the train/test data of dataset ``name`` with files under ``root``.
@@ -688,6 +715,8 @@ def build_datasets(
     ``fraction`` < 1 keeps a stratified training subset chosen with the run ``seed``
     (:func:`stratified_subset`). ``download`` allows torchvision downloads (CIFAR, Fashion-MNIST).
     ``subset_seed`` fixes the subset independently of the run seed (None: use ``seed``).
+    ``val_fraction`` in [0, 1) evaluates on a fixed stratified held-out share of the training set
+    instead of the test set (see the module docstring).
     ``augment='none'`` turns the dataset's standard training augmentation off (``'default'``
     keeps it). ``options`` are dataset-specific (:data:`DATASET_OPTIONS`; ``loader`` is ignored).
     Raises :class:`DatasetError` with a one-line message on any user-fixable problem.
@@ -695,6 +724,10 @@ def build_datasets(
     if name not in _BUILDERS:
         raise DatasetError(f"unknown dataset {name!r}; choose one of: {', '.join(DATASET_NAMES)}")
     frac = _check_fraction(fraction)
+    if isinstance(val_fraction, bool) or not isinstance(val_fraction, (int, float)):
+        raise DatasetError(f"dataset.val_fraction must be a number in [0, 1), got {val_fraction!r}")
+    if not 0.0 <= val_fraction < 1.0:
+        raise DatasetError(f"dataset.val_fraction must be in [0, 1), got {val_fraction!r}")
     opts = {k: v for k, v in options.items() if k not in IGNORED_OPTIONS}
     unknown = sorted(set(opts) - set(DATASET_OPTIONS[name]))
     if unknown:
@@ -709,6 +742,8 @@ def build_datasets(
     data = _BUILDERS[name](root_str, bool(download), **opts)
     if augment == "none":
         data.spec = dataclasses.replace(data.spec, augment="none")
+    if val_fraction > 0.0:
+        _hold_out_validation(data, float(val_fraction))
     if frac < 1.0:
         idx = stratified_subset(
             data.train_targets, frac, seed if subset_seed is None else subset_seed
