@@ -10,6 +10,10 @@ Under DDP, ``write(..., sync=True)`` first all-gathers ``(index, values)`` from 
 writes all of them, so every rank holds the same bank (the distributed sampler reshuffles each
 epoch, so a rank's next visit to a sample may come from another rank's write).
 
+``check_consistent(name)`` (called by the methods once per epoch, a no-op in one process) compares
+a checksum of the bank across ranks and raises if any rank's copy differs — the guard against a
+write that missed the all-gather.
+
 Both tensors are registered buffers: the bank moves with ``.to(device)`` of its owner (unless
 pinned on the CPU) and lands in the owner's ``state_dict()`` — checkpoints need nothing extra.
 """
@@ -96,6 +100,27 @@ class SampleBank(nn.Module):
         idx = self._index(index)
         self.values.index_add_(0, idx, values.to(self.values.device, self.values.dtype))
         self.written.index_fill_(0, idx, True)
+
+    @torch.no_grad()
+    def checksum(self) -> torch.Tensor:
+        """``[sum of values, sum of squared values, written count]`` in float64 (one host-free
+        reduction; equal banks give equal checksums)."""
+        v = self.values.double()
+        written = self.written.sum().double()
+        return torch.stack([v.sum(), (v * v).sum(), written])
+
+    def check_consistent(self, name: str) -> None:
+        """Under DDP: raise ``RuntimeError`` if this bank differs between ranks (one all-gather
+        of 3 numbers and one host sync); nothing in one process."""
+        if not distributed.is_initialized():
+            return
+        sums = distributed.all_gather_cat(self.checksum().to(self.values.device)[None])
+        if not bool((sums == sums[0]).all()):
+            per_rank = ", ".join(f"rank {r}: {row.tolist()}" for r, row in enumerate(sums.cpu()))
+            raise RuntimeError(
+                f"per-sample state {name!r} differs across DDP ranks ({per_rank}); every write "
+                "must go through SampleBank.write/add with sync=True"
+            )
 
     def memory_bytes(self) -> int:
         return self.values.numel() * self.values.element_size() + self.written.numel()

@@ -351,6 +351,9 @@ class LSSKD(Method):
         return StepOutput(loss=loss, logits=z_final, targets=batch.y, logs=logs)
 
     def on_epoch_end(self, epoch: int) -> dict[str, float]:
+        self.bank.check_consistent("lsskd bank P")
+        for i, bank in enumerate(self.aux_banks):
+            bank.check_consistent(f"lsskd head {i} bank")
         return {"train/alpha": self.alpha}
 
     # ----- inference / reporting ------------------------------------------------------------

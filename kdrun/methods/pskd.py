@@ -73,6 +73,7 @@ class PSKD(Method):
         return StepOutput(loss=loss, logits=logits)
 
     def on_epoch_end(self, epoch: int) -> dict[str, float]:
+        self.bank.check_consistent("ps_kd bank")
         return {"train/alpha": self.alpha}
 
     def summary(self) -> dict[str, float]:

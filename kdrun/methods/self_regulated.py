@@ -231,6 +231,7 @@ class _Accounting(Method):
         self._counted = 0  # participations at the end of the last finished epoch
 
     counts: SampleBank  # set by the subclass
+    counts_name: ClassVar[str] = "participation"
 
     @torch.no_grad()
     def _record(self, index: torch.Tensor, mask: torch.Tensor, participants: torch.Tensor | None):
@@ -240,6 +241,7 @@ class _Accounting(Method):
 
     def on_epoch_end(self, epoch: int) -> dict[str, float]:
         self.completed_epochs = int(epoch) + 1
+        self.counts.check_consistent(self.counts_name)
         total = int(self.counts.values.sum())
         this_epoch, self._counted = total - self._counted, total
         out = {
@@ -288,6 +290,7 @@ class SelfRegulatedTeacher(_Accounting):
 
     name = "self_regulated"
     ranges = {"beta": (0.0, 1.0)}
+    counts_name: ClassVar[str] = "significance"
 
     def __init__(
         self,
