@@ -482,3 +482,95 @@ def test_cli_multirun_trains_the_teacher_once(tmp_path):
     assert jobs[0]["teacher/test/acc1"] == jobs[1]["teacher/test/acc1"]
     assert jobs[0]["teacher/data/significance_hist"] == jobs[1]["teacher/data/significance_hist"]
     assert len(list((tmp_path / "cache").glob("teacher-*.pt"))) == 1
+
+
+# ----- kill -9 during either stage, then the same command ------------------------------------
+@pytest.mark.parametrize("stage", ["teacher", "student"])
+def test_kill_during_a_stage_resumes_that_stage(tmp_path, stage):
+    """kill -9 while the teacher stage (or the student stage) trains; the same command then
+    resumes that stage from its checkpoint in the same run dir — an earlier stage is not trained
+    again — and ends bit-identical to an uninterrupted run."""
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    from tests.conftest import run_kdrun
+    from tests.test_cli import only_run_dir, wait_for_glob
+
+    args = [
+        "method=significance",
+        "dataset=synthetic",
+        "dataset.options.train_size=256",
+        "dataset.options.test_size=64",
+        "dataset.options.image_size=16",
+        "hardware=cpu",
+        "logger=none",
+        "trainer.epochs=3",
+        "trainer.batch_size=32",
+        "trainer.checkpoint_every_steps=4",
+        "method.teacher_beta=0.5",
+    ]
+    ref_dir, kill_dir = tmp_path / "ref", tmp_path / "killed"
+    ref_dir.mkdir()
+    kill_dir.mkdir()
+    run_kdrun(args, cwd=ref_dir)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "kdrun", *args],
+        cwd=kill_dir,
+        env={**os.environ, "KDRUN_DATA_DIR": str(kill_dir / "data")},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    runs = kill_dir / "outputs" / "runs"
+    # the teacher stage checkpoints under <run>/teacher/, the student under <run>/checkpoints/
+    wait_for_glob(
+        runs,
+        "*/teacher/checkpoints/last.ckpt" if stage == "teacher" else "*/checkpoints/last.ckpt",
+        proc,
+    )
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    run = only_run_dir(kill_dir)
+    cache = list((kill_dir / "outputs" / "teachers").glob("teacher-*.pt"))
+    if stage == "teacher":
+        killed_at = torch.load(run / "teacher/checkpoints/last.ckpt", weights_only=True)
+        assert not cache and not (run / "checkpoints").exists()
+    else:
+        killed_at = torch.load(run / "checkpoints/last.ckpt", weights_only=True)
+        assert len(cache) == 1  # the finished teacher stage is in the cache
+    assert killed_at["epoch"] < 3 and killed_at["global_step"] > 0
+
+    out = run_kdrun(args, cwd=kill_dir).stdout
+    assert only_run_dir(kill_dir) == run and "(resumed)" in out
+    if stage == "teacher":
+        assert "teacher: training the stage" in out
+        assert f"teacher/resumed at epoch {killed_at['epoch']}" in out
+        assert "resumed at epoch 0 step 0" not in out  # the student starts fresh
+    else:
+        assert "teacher: reusing the cached stage" in out
+        assert "teacher: training the stage" not in out
+        assert f"resumed at epoch {killed_at['epoch']}" in out
+    ref_run = only_run_dir(ref_dir)
+    ref_sum = json.loads((ref_run / "summary.json").read_text())
+    new_sum = json.loads((run / "summary.json").read_text())
+    for key in (
+        "test/acc1",
+        "test/nll",
+        "teacher/test/acc1",
+        "data/participations",
+        "teacher/data/participations",
+        "teacher/data/distinct_samples",
+    ):
+        assert new_sum[key] == ref_sum[key], key
+    ref_w = torch.load(ref_run / "checkpoints/last.ckpt", weights_only=True)
+    new_w = torch.load(run / "checkpoints/last.ckpt", weights_only=True)
+    for name, value in ref_w["model"].items():
+        assert torch.equal(value, new_w["model"][name]), name
+    assert torch.equal(
+        ref_w["method"]["significance.values"], new_w["method"]["significance.values"]
+    )
+    events = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [e["epoch"] for e in events if "teacher/test/acc1" in e] == [1, 2, 3]
+    assert [e["epoch"] for e in events if "test/acc1" in e] == [1, 2, 3]
