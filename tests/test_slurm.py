@@ -320,3 +320,64 @@ def test_preempted_job_resumes_from_checkpoint(slurm_cluster, tmp_path, how):
     assert all(torch.equal(ref_w[k], new_w[k]) for k in ref_w)
     # SLURM ran the job twice (submitit's log shows both starts)
     assert job_logs(sweep).count("Starting with") == 2
+
+
+@pytest.mark.slurm
+def test_ddp_through_two_slurm_tasks_equals_single_process(slurm_cluster, tmp_path):
+    """launcher.tasks_per_node=2 with hardware=ddp: SLURM starts two tasks (srun), kdrun takes
+    rank and world size from SLURM_PROCID/SLURM_NTASKS and rendezvouses over gloo; one run dir,
+    rank-0-only files, and results equal to a single process with the same global batch."""
+    from tests.test_ddp import ARGS as DDP_ARGS
+
+    single = tmp_path / "single"
+    single.mkdir()
+    ref = subprocess.run(
+        [*KDRUN, *DDP_ARGS, "hardware=cpu", f"hydra.run.dir={single / 'run'}"],
+        cwd=single,
+        env={**os.environ, "OMP_NUM_THREADS": "1", "KDRUN_DATA_DIR": str(single / "data")},
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert ref.returncode == 0, ref.stdout[-3000:] + ref.stderr[-3000:]
+    sweep = tmp_path / "sweep"
+    proc = submit(
+        slurm_cluster,
+        [
+            "launcher=slurm",
+            *DDP_ARGS,
+            "hardware=ddp",
+            "hardware.sync_bn=true",
+            "launcher.tasks_per_node=2",
+            "launcher.timeout_min=10",
+            f"hydra.sweep.dir={sweep}",
+        ],
+        cwd=tmp_path,
+    )
+    out = finish(proc, slurm_cluster, timeout=300)
+    run = sweep / "0"
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["world_size"] == 2, out[-3000:]
+    info = json.loads((run / "run.json").read_text())
+    assert info["status"] == "finished" and info["slurm_job_id"]
+    submission = next(sweep.glob(".submitit/*/*_submission.sh")).read_text()
+    assert "#SBATCH --ntasks-per-node=2" in submission
+    # both tasks ran (submitit writes one log per task); rank 1 wrote no run files
+    assert len(list(sweep.glob(".submitit/*/*_1_log.out"))) == 1
+    assert sorted(p.name for p in sweep.iterdir() if not p.name.startswith(".")) == [
+        "0",
+        "multirun.yaml",
+    ]
+    events = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [e["epoch"] for e in events if "test/acc1" in e] == [1, 2]
+    ref_sum = json.loads((single / "run" / "summary.json").read_text())
+    for key in ("test/acc1", "test/nll", "test/ece", "test/brier"):
+        assert summary[key] == pytest.approx(ref_sum[key], abs=1e-5), key
+    state = torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)
+    ref_state = torch.load(single / "run" / "checkpoints" / "last.ckpt", weights_only=True)
+    for name, value in ref_state["model"].items():
+        if value.is_floating_point():
+            assert torch.allclose(state["model"][name], value, atol=1e-5), name
+    assert torch.allclose(
+        state["method"]["bank.values"], ref_state["method"]["bank.values"], atol=1e-5
+    )
