@@ -96,7 +96,8 @@ log_tail() {
 write_conf() {
     local host cpus mem_kb mem_mb ctld_port slurmd_port srun_lo
     host=$(hostname -s)
-    cpus=$(nproc)
+    # the CPUs this machine gives us; nproc alone would return OMP_NUM_THREADS when it is set
+    cpus=$(env -u OMP_NUM_THREADS -u OMP_THREAD_LIMIT nproc)
     mem_kb=$(awk '/^MemTotal:/ {print $2}' /proc/meminfo)
     # a little below MemTotal: slurmd drains a node whose RealMemory exceeds what it measures
     mem_mb=$((mem_kb * 95 / 100 / 1024))

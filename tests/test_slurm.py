@@ -112,7 +112,9 @@ def slurm_cluster(tmp_path_factory):
         capture_output=True,
         text=True,
         timeout=180,
-        env={**os.environ, "KDRUN_SLURM_START_TIMEOUT": "90"},
+        # OMP_NUM_THREADS=1 as users export it: the node must still get all CPUs (the
+        # two-task DDP test needs 2)
+        env={**os.environ, "KDRUN_SLURM_START_TIMEOUT": "90", "OMP_NUM_THREADS": "1"},
     )
     if started.returncode != 0:
         subprocess.run([str(SCRIPT), "stop", str(state)], capture_output=True, timeout=120)
