@@ -46,7 +46,7 @@ from kdrun.console import SilentConsole  # noqa: E402
 from kdrun.data.datasets import build_datasets  # noqa: E402
 from kdrun.loggers import MultiLogger  # noqa: E402
 from kdrun.metrics import classification_metrics  # noqa: E402
-from kdrun.stages import RunContext  # noqa: E402
+from kdrun.stages import RunContext, StageRunner  # noqa: E402
 
 DEFAULT_METHODS = ["ce", "label_smoothing", "tf_kd_reg", "ps_kd"]
 
@@ -88,10 +88,20 @@ def make_trainer(method_name: str, args, device: torch.device, tmp: Path):
         run_dir=tmp / method_name,
         seed=0,
     )
+    if "teacher_epochs" in cfg.method:  # two-stage methods: a short teacher stage, not timed
+        with open_dict(cfg):
+            cfg.method.teacher_epochs = args.teacher_epochs
     method = instantiate(
         cfg.method, num_classes=data.spec.num_classes, num_samples=int(data.train_targets.shape[0])
     )
+    method.prepare(StageRunner(ctx, cache_dir=tmp / "teachers", resume=False))
     return ctx.make_trainer(ctx.new_model(), method)
+
+
+def samples_per_epoch(trainer) -> int:
+    """Samples the method trains on per epoch (fewer than N for methods that drop samples)."""
+    trainer.loader.set_epoch(trainer.epoch)
+    return sum(int(b.numel()) for b in trainer.loader.sampler.global_batches())
 
 
 def time_epoch(trainer) -> float:
@@ -104,10 +114,16 @@ def time_epoch(trainer) -> float:
     return time.perf_counter() - start
 
 
-def ratios(times: dict[str, list[float]]) -> dict[str, dict[str, float]]:
+def ratios(
+    times: dict[str, list[float]], samples: dict[str, int] | None = None
+) -> dict[str, dict[str, float]]:
     base, base_min = statistics.median(times["ce"]), min(times["ce"])
+    samples = samples or {m: 1 for m in times}
     return {
         m: {
+            # epoch time per trained sample, relative to ce's (methods that drop samples)
+            "samples": samples[m],
+            "ratio_per_sample": statistics.median(t) / samples[m] / (base / samples["ce"]),
             "median_s": statistics.median(t),
             "ratio": statistics.median(t) / base,
             # each epoch against ce's epoch of the same round (seconds apart): robust to drift
@@ -132,7 +148,7 @@ def bench_methods(args, device: torch.device) -> dict[str, dict[str, float]]:
         # rotate the order every round so no method always runs first (or after the same one)
         for name in names[r % len(names) :] + names[: r % len(names)]:
             times[name].append(time_epoch(trainers[name]))
-    return ratios(times)
+    return ratios(times, {m: samples_per_epoch(t) for m, t in trainers.items()})
 
 
 def bench_metrics(device: torch.device, repeats: int = 5) -> float:
@@ -173,6 +189,9 @@ def main() -> None:
     parser.add_argument("--train-size", type=int, default=512)
     parser.add_argument("--batch-size", type=int, default=128)
     parser.add_argument("--rounds", type=int, default=201)
+    parser.add_argument(
+        "--teacher-epochs", type=int, default=1, help="teacher stage length of two-stage methods"
+    )
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args()
@@ -195,6 +214,8 @@ def main() -> None:
         "ratio (median)",
         "ratio (paired)",
         "ratio (min)",
+        "samples",
+        "per sample",
     )
     for col in columns:
         table.add_column(col, justify="right", no_wrap=True)
@@ -207,6 +228,8 @@ def main() -> None:
             f"{r['ratio']:.3f}x",
             f"{r['ratio_paired']:.3f}x",
             f"{r['ratio_min']:.3f}x",
+            str(r["samples"]),
+            f"{r['ratio_per_sample']:.3f}x",
         )
     console.print(table)
     console.print(
