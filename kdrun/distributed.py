@@ -93,22 +93,32 @@ def rank() -> int:
     return dist.get_rank() if is_initialized() else 0
 
 
+def _comm_device(t: torch.Tensor) -> torch.device:
+    """Where a collective on ``t`` must run: NCCL only moves CUDA tensors, so host tensors (e.g.
+    a pinned-CPU bank's checksum) travel through this rank's GPU; gloo takes them as they are."""
+    if t.device.type != "cuda" and dist.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return t.device
+
+
 def all_gather_cat(t: torch.Tensor) -> torch.Tensor:
-    """Concatenate equally-shaped tensors from every rank along dim 0 (rank order)."""
+    """Concatenate equally-shaped tensors from every rank along dim 0 (rank order), on ``t``'s
+    device."""
     if not is_initialized():
         return t
-    parts = [torch.empty_like(t) for _ in range(dist.get_world_size())]
-    dist.all_gather(parts, t.contiguous())
-    return torch.cat(parts, dim=0)
+    src = t.contiguous().to(_comm_device(t))
+    parts = [torch.empty_like(src) for _ in range(dist.get_world_size())]
+    dist.all_gather(parts, src)
+    return torch.cat(parts, dim=0).to(t.device)
 
 
 def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
-    """Sum over ranks (in place on a copy); identity in one process."""
+    """Sum over ranks (in place on a copy, on ``t``'s device); identity in one process."""
     if not is_initialized():
         return t
-    t = t.clone()
-    dist.all_reduce(t, op=dist.ReduceOp.SUM)
-    return t
+    out = t.to(_comm_device(t), copy=True)
+    dist.all_reduce(out, op=dist.ReduceOp.SUM)
+    return out.to(t.device)
 
 
 def broadcast_object(obj):

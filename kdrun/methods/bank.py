@@ -114,7 +114,7 @@ class SampleBank(nn.Module):
         of 3 numbers and one host sync); nothing in one process."""
         if not distributed.is_initialized():
             return
-        sums = distributed.all_gather_cat(self.checksum().to(self.values.device)[None])
+        sums = distributed.all_gather_cat(self.checksum()[None])
         if not bool((sums == sums[0]).all()):
             per_rank = ", ".join(f"rank {r}: {row.tolist()}" for r, row in enumerate(sums.cpu()))
             raise RuntimeError(
