@@ -219,6 +219,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
             log.info("config:\n%s", OmegaConf.to_yaml(cfg, resolve=True))
 
         set_determinism(int(cfg.seed), bool(hw_cfg.deterministic))
+        val_fraction = float(cfg.dataset.get("val_fraction", 0.0))
         data = build_datasets(
             cfg.dataset.name,
             root=cfg.dataset.root,
@@ -227,7 +228,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
             download=bool(cfg.dataset.download),
             augment=str(cfg.dataset.get("augment", "default")),
             subset_seed=cfg.dataset.get("subset_seed"),
-            val_fraction=float(cfg.dataset.get("val_fraction", 0.0)),
+            val_fraction=val_fraction,
             **dataset_options(cfg),
         )
         spec = data.spec
@@ -282,7 +283,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
             "world_size": info.world_size,
             "amp": amp,
             # test/* metrics are on this split: the test set, or the held-out validation share
-            "eval_split": "validation" if float(cfg.dataset.get("val_fraction", 0)) else "test",
+            "eval_split": "validation" if val_fraction > 0 else "test",
             **runner.summary,
             **trainer.final_metrics(),
             **method.summary(),
