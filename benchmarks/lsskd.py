@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import sys
 import tempfile
 from pathlib import Path
@@ -32,7 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from rich.console import Console  # noqa: E402
 from rich.table import Table  # noqa: E402
-from run import machine, make_trainer, time_epoch  # noqa: E402
+from run import bench_methods, machine, make_trainer, time_epoch  # noqa: E402
 
 METHODS = ["ce", "ps_kd", "lsskd"]
 
@@ -84,26 +83,6 @@ def measure_memory(method: str, args, device: torch.device) -> dict[str, float]:
     return {"peak_bytes": peak, **static}
 
 
-def bench_time(args, device: torch.device) -> dict[str, dict[str, float]]:
-    tmp = Path(tempfile.mkdtemp(prefix="kdrun-bench-lsskd-"))
-    trainers = {m: make_trainer(m, args, device, tmp) for m in METHODS}
-    for trainer in trainers.values():
-        time_epoch(trainer)  # warm-up
-    times: dict[str, list[float]] = {m: [] for m in METHODS}
-    for r in range(args.rounds):
-        for name in METHODS[r % 3 :] + METHODS[: r % 3]:
-            times[name].append(time_epoch(trainers[name]))
-    out = {}
-    for m, t in times.items():
-        out[m] = {
-            "median_s": statistics.median(t),
-            "vs_ce": statistics.median(t) / statistics.median(times["ce"]),
-            "vs_ce_paired": statistics.median(a / b for a, b in zip(t, times["ce"])),
-            "vs_ps_kd": statistics.median(t) / statistics.median(times["ps_kd"]),
-        }
-    return out
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="resnet8")
@@ -117,7 +96,8 @@ def main() -> None:
     args = parser.parse_args()
     device = torch.device(args.device)
     memory = {m: measure_memory(m, args, device) for m in METHODS}
-    times = bench_time(args, device)
+    args.methods = METHODS
+    times = bench_methods(args, device)  # benchmarks/run.py's interleaved, rotating rounds
 
     console = Console(width=max(Console().width, 170))
     console.print(f"machine: {machine()}")
@@ -145,10 +125,10 @@ def main() -> None:
         table.add_row(
             m,
             f"{t['median_s']:.3f}",
-            f"{t['vs_ce']:.2f}x",
-            f"{t['vs_ce_paired']:.2f}x",
-            f"{t['vs_ps_kd']:.2f}x",
-            f"{t['vs_ce'] / 4:.2f}x",
+            f"{t['ratio']:.2f}x",
+            f"{t['ratio_paired']:.2f}x",
+            f"{t['median_s'] / times['ps_kd']['median_s']:.2f}x",
+            f"{t['ratio'] / 4:.2f}x",
             f"{mem['peak_bytes'] / mib:.1f}",
             f"{mem['peak_bytes'] / memory['ce']['peak_bytes']:.2f}x",
             f"{mem['peak_bytes'] / memory['ps_kd']['peak_bytes']:.2f}x",

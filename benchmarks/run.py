@@ -114,11 +114,8 @@ def time_epoch(trainer) -> float:
     return time.perf_counter() - start
 
 
-def ratios(
-    times: dict[str, list[float]], samples: dict[str, int] | None = None
-) -> dict[str, dict[str, float]]:
+def ratios(times: dict[str, list[float]], samples: dict[str, int]) -> dict[str, dict[str, float]]:
     base, base_min = statistics.median(times["ce"]), min(times["ce"])
-    samples = samples or {m: 1 for m in times}
     return {
         m: {
             # epoch time per trained sample, relative to ce's (methods that drop samples)
@@ -198,7 +195,7 @@ def main() -> None:
     if "ce" not in args.methods:
         args.methods = ["ce", *args.methods]
     device = torch.device(args.device)
-    console = Console(width=max(Console().width, 120))
+    console = Console(width=max(Console().width, 140))
     console.print(f"machine: {machine()}")
     results = bench_methods(args, device)
     metric_s = bench_metrics(device)
