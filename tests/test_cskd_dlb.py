@@ -7,8 +7,6 @@ from __future__ import annotations
 import io
 import json
 import math
-import socket
-from datetime import timedelta
 from pathlib import Path
 
 import pytest
@@ -20,6 +18,7 @@ from kdrun.methods.base import Batch
 from kdrun.methods.cskd import CSKD, PairBatchSampler, cskd_loss
 from kdrun.methods.dlb import DLB, OverlapBatchSampler
 from tests.conftest import run_kdrun
+from tests.dist_utils import free_port, gloo_group
 from tests.method_utils import build_method, tiny_context
 
 # uneven class sizes, including a single-sample class (class 4)
@@ -356,26 +355,10 @@ def test_dlb_resume_continues_identically(tmp_path):
 
 
 # ----- DLB under real DDP (two gloo processes) --------------------------------------------------
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def _ddp_worker(rank: int, world_size: int, port: int, out_dir: str) -> None:
-    import torch.distributed as dist
-
     from kdrun import distributed
 
-    torch.set_num_threads(1)
-    dist.init_process_group(
-        "gloo",
-        init_method=f"tcp://127.0.0.1:{port}",
-        rank=rank,
-        world_size=world_size,
-        timeout=timedelta(seconds=60),
-    )
-    try:
+    with gloo_group(rank, world_size, port):
         C, n, B, T, alpha = 4, 30, 12, 3.0, 1.0  # h = 6: rank slices of 3
         gen = torch.Generator().manual_seed(0)
         table = torch.randn(n, C, generator=gen) * 2
@@ -399,15 +382,13 @@ def _ddp_worker(rank: int, world_size: int, port: int, out_dir: str) -> None:
             gathered = distributed.all_gather_cat(method.cache.logits[None])
             assert torch.equal(gathered[0], gathered[1])
         Path(out_dir, f"ok{rank}").write_text(str(step + 1))
-    finally:
-        dist.destroy_process_group()
 
 
 @pytest.mark.slow
 def test_dlb_cache_under_two_process_ddp(tmp_path):
     import torch.multiprocessing as mp
 
-    mp.spawn(_ddp_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True)
+    mp.spawn(_ddp_worker, args=(2, free_port(), str(tmp_path)), nprocs=2, join=True)
     assert (tmp_path / "ok0").read_text() == (tmp_path / "ok1").read_text() == "4"
 
 

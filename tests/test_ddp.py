@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -14,6 +13,7 @@ import pytest
 import torch
 
 from tests.conftest import run_kdrun
+from tests.dist_utils import free_port, gloo_group
 
 ARGS = [
     "dataset=synthetic",
@@ -28,12 +28,6 @@ ARGS = [
     "hardware.device=cpu",
     "hardware.amp=off",
 ]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def only_run(cwd: Path) -> Path:
@@ -135,21 +129,9 @@ def test_significance_and_participation_counters_consistent_under_ddp(tmp_path):
 
 
 def _bank_worker(rank: int, world_size: int, port: int, out_dir: str) -> None:
-    from datetime import timedelta
-
-    import torch.distributed as dist
-
     from kdrun.methods.bank import SampleBank
 
-    torch.set_num_threads(1)
-    dist.init_process_group(
-        "gloo",
-        init_method=f"tcp://127.0.0.1:{port}",
-        rank=rank,
-        world_size=world_size,
-        timeout=timedelta(seconds=60),
-    )
-    try:
+    with gloo_group(rank, world_size, port):
         counts = SampleBank(8, dtype="int32")
         # each rank counts its own samples; add() all-gathers, so both hold all counts
         local = torch.tensor([0, 1, 2, 3]) + 4 * rank
@@ -166,8 +148,6 @@ def _bank_worker(rank: int, world_size: int, port: int, out_dir: str) -> None:
         except RuntimeError as err:
             outcome = "detected" if "differs across DDP ranks" in str(err) else str(err)
         Path(out_dir, f"rank{rank}").write_text(outcome)
-    finally:
-        dist.destroy_process_group()
 
 
 def test_bank_consistency_check_under_two_gloo_processes(tmp_path):

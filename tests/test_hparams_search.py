@@ -10,13 +10,13 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 from omegaconf import OmegaConf
 
 from tests.conftest import run_kdrun
+from tests.test_cli import wait_for_glob
 
 optuna = pytest.importorskip("optuna")
 from optuna.trial import TrialState  # noqa: E402
@@ -84,23 +84,18 @@ def test_interrupted_trial_reruns_its_parameters_from_its_checkpoint(tmp_path):
         [sys.executable, "-m", "kdrun", *args],
         cwd=tmp_path,
         env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
         start_new_session=True,
     )
-    # stop the sweep (SIGTERM, as a scheduler would) once trial 0 has finished an epoch
-    deadline = time.monotonic() + 240
-    metrics = None
-    while time.monotonic() < deadline and proc.poll() is None:
-        found = list((tmp_path / "outputs" / "multiruns").glob("*/0/metrics.jsonl"))
-        if found and '"test/acc1"' in found[0].read_text():
-            metrics = found[0]
-            break
-        time.sleep(0.05)
-    assert metrics is not None, "trial 0 never finished an epoch"
+    # stop the sweep (SIGTERM, as a scheduler would) once trial 0 has checkpointed an epoch
+    sweeps = tmp_path / "outputs" / "multiruns"
+    wait_for_glob(sweeps, "*/0/checkpoints/last.ckpt", proc)
     os.killpg(proc.pid, signal.SIGTERM)
-    assert proc.wait(timeout=120) != 0
-    interrupted_dir = metrics.parent
+    proc.communicate(timeout=120)
+    assert proc.returncode != 0
+    (interrupted_dir,) = sweeps.glob("*/0")
     assert json.loads((interrupted_dir / "run.json").read_text())["status"] == "preempted"
     study = load_study(tmp_path)
     assert [t.state for t in study.trials] == [TrialState.RUNNING]

@@ -15,7 +15,6 @@ import json
 import logging
 import math
 import os
-import socket
 import struct
 import sys
 import time
@@ -29,6 +28,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 import wandb_reader as wr  # noqa: E402
 
 from kdrun import loggers as L  # noqa: E402
+from tests.dist_utils import free_port  # noqa: E402
 
 FAST = {"x_disable_stats": True, "x_save_requirements": False, "disable_git": True}
 FAKE_KEY = "kdrunfakekey" + "0123456789abcdefghij" * 2  # 52 chars, a valid-looking API key
@@ -338,18 +338,12 @@ def test_disabled_mode_creates_nothing(wb_env, tmp_path, monkeypatch, caplog):
     assert not kdrun_warnings(caplog)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_online_init_failure_falls_back_to_offline_and_leaks_no_key(
     wb_env, tmp_path, monkeypatch, caplog
 ):
     # Credentials exist but the server is unreachable (a closed local port, no real network).
     monkeypatch.setenv("WANDB_API_KEY", FAKE_KEY)
-    monkeypatch.setenv("WANDB_BASE_URL", f"http://127.0.0.1:{_free_port()}")
+    monkeypatch.setenv("WANDB_BASE_URL", f"http://127.0.0.1:{free_port()}")
     run_dir = tmp_path / "run"
     t0 = time.perf_counter()
     lg = make_logger(run_dir, init_timeout=2.0)
