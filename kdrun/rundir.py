@@ -14,7 +14,8 @@ dir back from the launcher, so it resumes in place.
 
 The fingerprint hashes the resolved config without the keys that do not change results (paths,
 ``resume``, logging, worker counts) — so the same command, or the same command with another
-``logger``, maps to the same run.
+``logger``, maps to the same run. Keys added to the config after runs existed are left out at the
+value that reproduces the old behaviour (:data:`NEUTRAL_WHEN`), so such runs still resume.
 """
 
 from __future__ import annotations
@@ -36,6 +37,9 @@ from omegaconf import DictConfig, OmegaConf
 
 IGNORED_KEYS = ("paths", "resume", "logger", "launcher", "tags", "name")
 IGNORED_NESTED = (("hardware", "num_workers"), ("trainer", "log_every"))
+#: (outer, inner, value): keys introduced later, hashed only when they differ from the value
+#: that behaves as before they existed
+NEUTRAL_WHEN = (("dataset", "val_fraction", 0.0),)
 
 
 def fingerprint(cfg: DictConfig) -> str:
@@ -46,6 +50,10 @@ def fingerprint(cfg: DictConfig) -> str:
     for outer, inner in IGNORED_NESTED:
         if isinstance(data.get(outer), dict):
             data[outer].pop(inner, None)
+    for outer, inner, neutral in NEUTRAL_WHEN:
+        section = data.get(outer)
+        if isinstance(section, dict) and inner in section and section[inner] == neutral:
+            del section[inner]
     blob = json.dumps(data, sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 

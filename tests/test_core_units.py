@@ -129,3 +129,30 @@ def test_subset_seed_fixes_the_subset_across_run_seeds(tmp_path):
     assert torch.equal(a.train_images, b.train_images)
     assert not torch.equal(b.train_images, c.train_images)
     assert torch.equal(a.train_targets.bincount(), c.train_targets.bincount())  # stratified
+
+
+def test_fingerprint_ignores_paths_and_logger_but_not_hyperparameters():
+    from omegaconf import OmegaConf
+
+    from kdrun.rundir import fingerprint
+
+    base = {
+        "paths": {"output_root": "/a"},
+        "logger": {"wandb": True},
+        "optim": {"lr": 0.1},
+        "dataset": {"name": "digits", "fraction": 1.0},
+        "trainer": {"epochs": 3, "log_every": 10},
+    }
+
+    def fp(**changes):
+        cfg = OmegaConf.create(base)
+        for key, value in changes.items():
+            OmegaConf.update(cfg, key.replace("__", "."), value, force_add=True)
+        return fingerprint(cfg)
+
+    assert fp() == fp(paths__output_root="/b", logger__wandb=False, trainer__log_every=1)
+    assert fp() != fp(optim__lr=0.2)
+    assert fp() != fp(trainer__epochs=4)
+    # val_fraction arrived later: at its neutral 0.0 a run made before it still matches
+    assert fp() == fp(dataset__val_fraction=0.0)
+    assert fp() != fp(dataset__val_fraction=0.1)
