@@ -479,9 +479,9 @@ class Trainer:
         """The optimizer step, undone when no sample took part on any rank (``weight``, the
         step's participant count, sums to 0) -- without a host sync. The parameters and the
         floating optimizer state on the parameters' device are snapshotted, stepped, and blended
-        back as ``new * keep + old * (1 - keep)`` with ``keep`` in {0, 1} (exact for finite
-        values); state the step created is multiplied by ``keep`` (zeros = fresh SGD momentum /
-        Adam moments). Not restored: host-side scalars (Adam's ``step`` count unless
+        back with ``lerp(new, old, 1 - keep)``, ``keep`` in {0, 1} (exact for finite values);
+        state the step created is multiplied by ``keep`` (zeros = fresh SGD momentum / Adam
+        moments). Not restored: host-side scalars (Adam's ``step`` count unless
         ``capturable``), BatchNorm running statistics (updated by the forward pass). The learning
         rate schedule advances as on any step. Cost: one fused copy of the parameters and
         optimizer state per step, only for methods that report ``weight``."""
@@ -504,9 +504,8 @@ class Trainer:
         after = state_tensors()
         current = [*params, *(after[k] for k in before)]
         created = [v for k, v in after.items() if k not in before]
-        torch._foreach_mul_(current, keep)
-        torch._foreach_mul_(saved, 1.0 - keep)
-        torch._foreach_add_(current, saved)
+        # one pass: lerp with weight 0 returns the start and with weight 1 the end, exactly
+        torch._foreach_lerp_(current, saved, 1.0 - keep)
         if created:
             torch._foreach_mul_(created, keep)
 
