@@ -105,7 +105,7 @@ def test_interrupted_trial_reruns_its_parameters_from_its_checkpoint(tmp_path):
     study = load_study(tmp_path)
     states = [t.state for t in study.trials]
     assert states == [TrialState.FAIL, TrialState.COMPLETE, TrialState.COMPLETE]
-    assert study.trials[0].user_attrs["kdrun_interrupted"] is True
+    assert study.user_attrs["kdrun_interrupted"] == [0]
     assert study.trials[1].params == params  # the interrupted configuration ran again ...
     info = json.loads((interrupted_dir / "run.json").read_text())
     # ... and continued in its own run dir from its checkpoint (kdrun's resume=auto)
@@ -118,3 +118,31 @@ def test_interrupted_trial_reruns_its_parameters_from_its_checkpoint(tmp_path):
         if '"test/acc1"' in line
     ]
     assert epochs == sorted(set(epochs)) and epochs[-1] == 4  # no epoch trained twice
+
+
+def test_prepare_resume_counts_only_trials_that_ended_on_their_own():
+    from hydra_plugins.kdrun_optuna_sweeper import prepare_resume
+
+    study = optuna.create_study()  # in memory
+    done = study.ask()
+    done.suggest_float("lr", 0.01, 0.1)
+    study.tell(done, 1.0)
+    crashed = study.ask()
+    crashed.suggest_float("lr", 0.01, 0.1)
+    study.tell(crashed, state=TrialState.FAIL)
+    killed = study.ask()  # left RUNNING, as by a killed sweep
+    lr = killed.suggest_float("lr", 0.01, 0.1)
+
+    assert prepare_resume(study, 5) == 3  # the completed and the crashed trial count
+    assert [t.state for t in study.trials] == [
+        TrialState.COMPLETE,
+        TrialState.FAIL,
+        TrialState.FAIL,
+        TrialState.WAITING,  # the killed trial's parameters, queued again
+    ]
+    assert study.trials[3].system_attrs["fixed_params"] == {"lr": lr}
+    assert study.user_attrs["kdrun_interrupted"] == [2]
+    # a second rerun before anything ran changes nothing
+    assert prepare_resume(study, 5) == 3
+    assert study.user_attrs["kdrun_interrupted"] == [2]
+    assert prepare_resume(study, 1) == 0

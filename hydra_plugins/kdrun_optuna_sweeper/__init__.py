@@ -9,9 +9,10 @@ killed ones ``RUNNING`` forever):
 
 * ``n_trials`` is the study's total: rerunning the same command after an interruption runs only
   the trials still missing (finished and failed trials count; interrupted ones do not).
-* Trials left ``RUNNING`` by a killed sweep are marked failed (user attr ``kdrun_interrupted``)
-  and their parameters are queued again, so the rerun trains exactly that configuration and
-  kdrun's ``resume=auto`` continues it from its last checkpoint instead of starting over.
+* Trials left ``RUNNING`` by a killed sweep are marked failed (their numbers listed in the
+  study's user attr ``kdrun_interrupted``) and their parameters are queued again, so the rerun
+  trains exactly that configuration and kdrun's ``resume=auto`` continues it from its last
+  checkpoint instead of starting over.
 * A ``sqlite:///`` storage's parent directory is created.
 """
 
@@ -38,18 +39,25 @@ def sqlite_path(storage: Any) -> Path | None:
 
 
 def prepare_resume(study: optuna.Study, n_trials: int) -> int:
-    """Mark interrupted trials, queue their parameters again; return how many trials to run."""
+    """Mark interrupted trials, queue their parameters again; return how many trials to run.
+
+    Uses only optuna's public API: ``Study.tell(number, state=FAIL)`` ends a trial left
+    ``RUNNING``; the numbers of such trials are kept in the study's user attr
+    ``kdrun_interrupted`` (they do not count towards ``n_trials``)."""
+    interrupted = set(study.user_attrs.get(INTERRUPTED_ATTR, []))
     for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
-        study._storage.set_trial_user_attr(trial._trial_id, INTERRUPTED_ATTR, True)
-        study._storage.set_trial_state(trial._trial_id, TrialState.FAIL)
+        study.tell(trial.number, state=TrialState.FAIL)
+        interrupted.add(trial.number)
         if trial.params:
             study.enqueue_trial(dict(trial.params))
         log.warning("trial %d was interrupted; its parameters run again", trial.number)
+    if interrupted:
+        study.set_user_attr(INTERRUPTED_ATTR, sorted(interrupted))
     done = sum(
         1
         for t in study.get_trials(deepcopy=False)
         if t.state in (TrialState.COMPLETE, TrialState.PRUNED)
-        or (t.state == TrialState.FAIL and not t.user_attrs.get(INTERRUPTED_ATTR))
+        or (t.state == TrialState.FAIL and t.number not in interrupted)
     )
     return max(0, n_trials - done)
 
