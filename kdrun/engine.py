@@ -32,6 +32,7 @@ from torch import nn
 
 from kdrun import checkpoint as ckpt
 from kdrun import distributed
+from kdrun.callbacks import call as notify
 from kdrun.console import Console
 from kdrun.data.datasets import Datasets
 from kdrun.data.loaders import build_train_loader, eval_batches
@@ -331,6 +332,8 @@ class Trainer:
         self.history: list[dict[str, float]] = []
         self.train_time_s = 0.0  # accumulated over restarts
         self.signals = _SignalFlag()
+        #: :mod:`kdrun.callbacks` objects told of the fit's events (chosen by the caller)
+        self.callbacks: list[Any] = []
 
     # ----- checkpoints --------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
@@ -394,6 +397,7 @@ class Trainer:
                 self.global_step,
             )
         self.signals.install()
+        notify(self.callbacks, "on_fit_start", self)
         try:
             while self.epoch < s.epochs:
                 started = time.perf_counter()
@@ -417,6 +421,8 @@ class Trainer:
                 self.logger.log_metrics(record, step=self.step_offset + self.global_step)
                 self.history.append(record)
                 self.save_checkpoint()
+                notify(self.callbacks, "on_epoch_end", self, record)
+            notify(self.callbacks, "on_fit_end", self)
         finally:
             self.signals.restore()
         return {"train_time_s": self.train_time_s}
