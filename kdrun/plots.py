@@ -12,7 +12,14 @@ bin data as JSON (keys ``n_bins``, ``n_samples``, ``edges``, ``counts``, ``accur
 ``classification_metrics(...)["ece"]`` for the same ``n_bins``), creating parent directories;
 each file is written to a temporary name and renamed into place. Returns that dict.
 
-matplotlib is imported lazily inside the function. Drawing uses ``matplotlib.figure.Figure`` with
+``save_calibration_panel(curves, png_path, title)`` draws several reliability curves on one
+figure (used by ``kdrun-report``): each curve is a dict with ``label`` (shown in the legend as
+given, e.g. with its ECE), ``counts``, ``accuracy`` and ``confidence`` (per bin, the format of
+the JSON above, typically pooled over seeds). Top: per-bin accuracy against mean confidence of the
+non-empty bins, one line per curve, with the diagonal of perfect calibration; bottom: the share of
+samples per confidence bin of each curve. Writes the PNG atomically.
+
+matplotlib is imported lazily inside the functions. Drawing uses ``matplotlib.figure.Figure`` with
 the Agg canvas directly, so no GUI backend is ever touched; ``matplotlib.use("Agg")`` is called
 only if ``matplotlib.pyplot`` has not been imported yet (switching the backend of an already
 imported pyplot would close the caller's figures).
@@ -29,7 +36,7 @@ from torch import Tensor
 
 from kdrun.metrics import confidence_and_correct, reliability_bins
 
-__all__ = ["save_reliability_diagram"]
+__all__ = ["save_calibration_panel", "save_reliability_diagram"]
 
 
 def _atomic_write(path: Path, write) -> None:
@@ -165,3 +172,59 @@ def save_reliability_diagram(
     text = json.dumps(data, indent=2) + "\n"
     _atomic_write(Path(json_path), lambda p: p.write_text(text))
     return data
+
+
+def save_calibration_panel(curves: list[dict], png_path: str | os.PathLike, title: str) -> None:
+    """Write one figure with the reliability curve of every entry of ``curves``."""
+    import matplotlib
+
+    if "matplotlib.pyplot" not in sys.modules:
+        matplotlib.use("Agg")
+    from matplotlib import colormaps
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    colors = colormaps["tab10" if len(curves) <= 10 else "tab20"].colors
+    markers = "osD^vP*Xph"
+    height = 8.0 + 0.22 * (len(curves) + 1)
+    fig = Figure(figsize=(7.0, height), dpi=120, layout="constrained")
+    FigureCanvasAgg(fig)
+    ax, hx = fig.subplots(2, 1, sharex=True, gridspec_kw={"height_ratios": [3, 1.1]})
+    ax.plot([0, 1], [0, 1], ls="--", color="0.45", lw=1.2, label="Perfect calibration")
+    for i, curve in enumerate(curves):
+        color, marker = colors[i % len(colors)], markers[i % len(markers)]
+        counts = curve["counts"]
+        full = [b for b, c in enumerate(counts) if c > 0]
+        ax.plot(
+            [curve["confidence"][b] for b in full],
+            [curve["accuracy"][b] for b in full],
+            color=color,
+            marker=marker,
+            ms=5,
+            lw=1.6,
+            label=curve["label"],
+        )
+        n_bins, total = len(counts), sum(counts)
+        centers = [(b + 0.5) / n_bins for b in range(n_bins)]
+        hx.plot(
+            centers,
+            [100.0 * c / total for c in counts],
+            color=color,
+            marker=marker,
+            ms=3.5,
+            lw=1.3,
+            drawstyle="steps-mid",
+        )
+    ax.set_xlim(0, 1)
+    ax.set_ylim(-0.01, 1.02)  # markers at 0 and 1 stay whole
+    ax.set_ylabel("Accuracy in the confidence bin")
+    ax.grid(True, color="0.9", lw=0.6)
+    ax.set_title(title, fontsize=10)
+    # below the axes, so that it never hides a curve (under-confident ones run top left,
+    # over-confident ones bottom right)
+    fig.legend(loc="outside lower center", fontsize=9, frameon=True, ncols=1)
+    hx.set_xlim(0, 1)
+    hx.set_xlabel("Confidence (max softmax probability); top: mean confidence of each bin")
+    hx.set_ylabel("% of samples")
+    hx.grid(True, color="0.9", lw=0.6)
+    _atomic_write(Path(png_path), lambda p: fig.savefig(p, format="png"))
