@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.conftest import run_kdrun
+from tests.conftest import ROOT, run_kdrun
 from tests.wandb_reader import history, read_records
 
 SMOKE = [
@@ -128,7 +128,7 @@ def test_cifar100_without_data_says_what_to_download(tmp_path):
 
 CIFAR_RUNNER = """
 import sys
-from kdrun.data.fixtures import patched_cifar_checksums, write_fake_cifar
+from tests.fake_datasets import patched_cifar_checksums, write_fake_cifar
 md5s = write_fake_cifar(sys.argv[1], which="cifar100", n_train=300, n_test=100)
 with patched_cifar_checksums(md5s):
     sys.argv = ["kdrun", *sys.argv[2:]]
@@ -154,7 +154,7 @@ def test_cifar100_real_format_fixture_trains(tmp_path):
         capture_output=True,
         text=True,
         timeout=300,
-        env={**os.environ, "KDRUN_DATA_DIR": str(data)},
+        env={**os.environ, "KDRUN_DATA_DIR": str(data), "PYTHONPATH": str(ROOT)},
     )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     summary = json.loads((only_run_dir(tmp_path) / "summary.json").read_text())

@@ -32,7 +32,7 @@ from kdrun.data.datasets import (
     build_datasets,
     stratified_subset,
 )
-from kdrun.data.fixtures import (
+from tests.fake_datasets import (
     patched_cifar_checksums,
     write_fake_cifar,
     write_fake_imagefolder,

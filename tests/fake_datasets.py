@@ -1,4 +1,4 @@
-"""Small fake datasets in the exact real on-disk formats (for tests, demos and bug reports).
+"""Small fake datasets in the exact real on-disk formats, for the tests.
 
 Contract
 --------
@@ -74,10 +74,8 @@ def _md5(path: str) -> str:
 
 
 def _dump(path: str, obj: object) -> None:
-    tmp = path + ".tmp"
-    with open(tmp, "wb") as fh:
+    with open(path, "wb") as fh:
         pickle.dump(obj, fh, protocol=2)  # the real files are Python-2 pickles (protocol 2)
-    os.replace(tmp, path)
 
 
 def _balanced_labels(n: int, k: int, rng: np.random.Generator) -> np.ndarray:
