@@ -31,7 +31,7 @@ from kdrun import checkpoint as ckpt
 from kdrun import distributed, rundir
 from kdrun.config import validate
 from kdrun.console import Console, SilentConsole
-from kdrun.data.datasets import DatasetError, build_datasets
+from kdrun.data.datasets import build_datasets
 from kdrun.engine import (
     HardwareSettings,
     Preempted,
@@ -39,7 +39,7 @@ from kdrun.engine import (
     count_params,
     resolve_amp,
 )
-from kdrun.errors import KdrunError
+from kdrun.errors import DatasetError, KdrunError
 from kdrun.stages import RunContext, StageRunner
 
 log = logging.getLogger("kdrun")

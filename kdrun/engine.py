@@ -34,9 +34,9 @@ from kdrun import checkpoint as ckpt
 from kdrun import distributed
 from kdrun.callbacks import call as notify
 from kdrun.console import Console
-from kdrun.data.datasets import Datasets
 from kdrun.data.loaders import build_train_loader, eval_batches
 from kdrun.data.samplers import BatchSampler
+from kdrun.data.spec import Datasets
 from kdrun.errors import NonFiniteLossError
 from kdrun.loggers import Logger
 from kdrun.methods.base import Batch, Method, StepOutput

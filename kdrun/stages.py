@@ -36,7 +36,7 @@ from torch import nn
 from kdrun import checkpoint as ckpt
 from kdrun import distributed
 from kdrun.console import Console
-from kdrun.data.datasets import Datasets
+from kdrun.data.spec import Datasets
 from kdrun.engine import HardwareSettings, Trainer, TrainerSettings
 from kdrun.errors import CheckpointError
 from kdrun.loggers import Logger

@@ -1,4 +1,5 @@
-"""Tests of kdrun.data.datasets / augment / fixtures against independent computations."""
+"""Tests of kdrun.data (builders, splits, views, augment) and of the fake datasets in
+tests/fake_datasets.py, against independent computations."""
 
 from __future__ import annotations
 
@@ -24,14 +25,11 @@ from kdrun.data.augment import (
     per_sample_transform,
     seeded_generator,
 )
-from kdrun.data.datasets import (
-    DatasetError,
-    DataSpec,
-    EvalDataset,
-    IndexedDataset,
-    build_datasets,
-    stratified_subset,
-)
+from kdrun.data.datasets import build_datasets
+from kdrun.data.spec import DataSpec
+from kdrun.data.splits import stratified_subset
+from kdrun.data.views import EvalDataset, IndexedDataset
+from kdrun.errors import DatasetError
 from tests.fake_datasets import (
     patched_cifar_checksums,
     write_fake_cifar,
@@ -255,6 +253,41 @@ def test_fashion_mnist_from_debian_package_without_network(tmp_path, no_network)
     assert mtimes == {n: os.stat(raw / n).st_mtime_ns for n in FMNIST_NAMES}
 
 
+def _write_idx_gz(path, magic: int, dims: tuple[int, ...], payload: np.ndarray) -> None:
+    header = magic.to_bytes(4, "big") + b"".join(d.to_bytes(4, "big") for d in dims)
+    with gzip.open(path, "wb", compresslevel=1) as fh:
+        fh.write(header + payload.astype(np.uint8).tobytes())
+
+
+def test_fashion_mnist_from_a_package_layout_dir(tmp_path, no_network):
+    """The Debian-package path on files in the package's layout (idx files, re-compressed)."""
+    system = tmp_path / "system"
+    system.mkdir()
+    rng = np.random.default_rng(0)
+    test_labels = rng.integers(0, 10, 10000)
+    test_images = np.zeros((10000, 28, 28), np.uint8)
+    test_images[:, 3, 5] = test_labels * 20
+    _write_idx_gz(system / "t10k-labels-idx1-ubyte.gz", 0x801, (10000,), test_labels)
+    _write_idx_gz(system / "t10k-images-idx3-ubyte.gz", 0x803, (10000, 28, 28), test_images)
+    _write_idx_gz(system / "train-labels-idx1-ubyte.gz", 0x801, (60000,), np.arange(60000) % 10)
+    _write_idx_gz(
+        system / "train-images-idx3-ubyte.gz", 0x803, (60000, 28, 28), np.zeros(60000 * 784)
+    )
+    d = build_datasets("fashion_mnist", tmp_path / "data", download=False, system_dir=str(system))
+    raw = tmp_path / "data" / "FashionMNIST" / "raw"
+    assert sorted(os.listdir(raw)) == sorted(FMNIST_NAMES)  # no temp files left behind
+    assert np.array_equal(d.test_targets.numpy(), test_labels)
+    assert np.array_equal(d.test_images[:, 0].numpy(), test_images)
+    assert d.train_images.shape == (60000, 1, 28, 28)
+    # a package file that decompresses to the wrong size is reported, and nothing is installed
+    os.unlink(raw / "t10k-labels-idx1-ubyte")
+    _write_idx_gz(system / "t10k-labels-idx1-ubyte.gz", 0x801, (9999,), test_labels[:9999])
+    with pytest.raises(DatasetError, match="expected 10008; reinstall") as info:
+        build_datasets("fashion_mnist", tmp_path / "data", download=False, system_dir=str(system))
+    assert "\n" not in str(info.value)
+    assert sorted(os.listdir(raw)) == sorted(set(FMNIST_NAMES) - {"t10k-labels-idx1-ubyte"})
+
+
 def test_fashion_mnist_missing_gives_one_line_error(tmp_path, no_network):
     empty = tmp_path / "no-system-files"
     empty.mkdir()
@@ -444,7 +477,7 @@ def test_indexed_dataset_is_a_pure_function_of_seed_epoch_index():
 
 def test_indexed_dataset_independent_of_worker_count():
     d = build_datasets("synthetic", "unused", train_size=24, test_size=4, image_size=8)
-    ds = d.train_dataset(seed=9)
+    ds = IndexedDataset(d.train_source, d.train_targets, d.spec, seed=9)
     batches = [[5, 1, 17], [0, 23, 2, 9], [11]]
 
     def run(workers: int, epochs: list[int]) -> list[torch.Tensor]:
@@ -482,9 +515,9 @@ def test_tiny_imagenet_fixture_real_layout(tmp_path):
     for path, y in d.test_folder.samples:
         assert wnids[y] == ann[os.path.basename(path)]
     assert d.test_targets.tolist() == [y for _, y in d.test_folder.samples]
-    x, y, i = d.train_dataset(seed=0)[5]
+    x, y, i = IndexedDataset(d.train_source, d.train_targets, d.spec, seed=0)[5]
     assert x.shape == (3, 64, 64) and i == 5 and y == d.train_targets[5]
-    xe, _ = d.test_dataset()[0]
+    xe, _ = EvalDataset(d.test_source, d.test_targets, d.spec)[0]
     assert xe.shape == (3, 64, 64)
     # fraction subsets the folder samples consistently with the targets
     sub = build_datasets("tiny_imagenet", tmp_path, fraction=0.5, seed=1)
@@ -516,8 +549,8 @@ def test_imagenet_imagefolder_fixture(tmp_path):
     assert d.spec.num_classes == 3 and d.spec.image_size == 224 and d.spec.augment == "imagenet"
     assert d.test_folder.class_to_idx == d.train_folder.class_to_idx  # val lacks a class
     assert d.test_targets.tolist() == [0, 1]
-    assert d.train_dataset()[0][0].shape == (3, 224, 224)
-    assert d.test_dataset()[1][0].shape == (3, 224, 224)
+    assert IndexedDataset(d.train_source, d.train_targets, d.spec)[0][0].shape == (3, 224, 224)
+    assert EvalDataset(d.test_source, d.test_targets, d.spec)[1][0].shape == (3, 224, 224)
     with pytest.raises(DatasetError, match=str(tmp_path / "nothing" / "imagenet" / "train")):
         build_datasets("imagenet", tmp_path / "nothing")
 

@@ -16,7 +16,7 @@ Contract
   ``3 * B`` random numbers are drawn on the CPU and copied). Streams of CPU and CUDA generators
   differ, so the same seed gives different (equally valid) crops on CPU and GPU.
 * ``per_sample_transform(spec, train)`` — the torchvision ``transforms.v2`` pipeline used by
-  :class:`kdrun.data.datasets.IndexedDataset` / ``EvalDataset``; takes a PIL image or a uint8
+  :class:`kdrun.data.views.IndexedDataset` / ``EvalDataset``; takes a PIL image or a uint8
   ``[C, H, W]`` tensor and returns a float32 normalised plain tensor. For ``'crop'`` /
   ``'crop_flip'`` its set of possible outputs equals that of :func:`augment_batch`
   (``RandomCrop(size, padding)`` pads with zeros, then ``RandomHorizontalFlip``).
@@ -32,7 +32,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from kdrun.data.datasets import DataSpec, item_seed
+from kdrun.data.seeding import item_seed
+from kdrun.data.spec import DataSpec
 
 __all__ = [
     "augment_batch",

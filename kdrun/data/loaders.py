@@ -23,8 +23,9 @@ from collections.abc import Iterator
 import torch
 
 from kdrun.data import augment as aug
-from kdrun.data.datasets import Datasets, EvalDataset, IndexedDataset
 from kdrun.data.samplers import BatchSampler
+from kdrun.data.spec import Datasets
+from kdrun.data.views import EvalDataset, IndexedDataset
 from kdrun.errors import ConfigError
 
 Triple = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
