@@ -44,6 +44,8 @@ from rich.table import Table  # noqa: E402
 from kdrun.cli import hardware_settings, trainer_settings  # noqa: E402
 from kdrun.console import SilentConsole  # noqa: E402
 from kdrun.data.datasets import build_datasets  # noqa: E402
+from kdrun.data.spec import Datasets  # noqa: E402
+from kdrun.engine import resolve_amp  # noqa: E402
 from kdrun.loggers import MultiLogger  # noqa: E402
 from kdrun.metrics import classification_metrics  # noqa: E402
 from kdrun.stages import RunContext, StageRunner  # noqa: E402
@@ -60,7 +62,16 @@ def compose_cfg(overrides: list[str]):
     return cfg
 
 
-def make_trainer(method_name: str, args, device: torch.device, tmp: Path):
+def make_trainer(
+    method_name: str,
+    args,
+    device: torch.device,
+    tmp: Path,
+    overrides: tuple[str, ...] = (),
+    data: Datasets | None = None,
+):
+    """A trainer for ``method_name`` on the benchmark data. ``overrides`` come last (they win,
+    e.g. ``hardware.amp=bf16``); ``data`` reuses datasets already built for the same options."""
     cfg = compose_cfg(
         [
             f"method={method_name}",
@@ -75,13 +86,15 @@ def make_trainer(method_name: str, args, device: torch.device, tmp: Path):
             f"dataset.options.image_size={args.image_size}",
             f"dataset.options.channels={args.channels}",
             f"trainer.epochs={10**6}",
+            *overrides,
         ]
     )
-    data = build_datasets("synthetic", root=str(tmp), **dict(cfg.dataset.options))
+    if data is None:
+        data = build_datasets("synthetic", root=str(tmp), **dict(cfg.dataset.options))
     ctx = RunContext(
         cfg=cfg,
         data=data,
-        hardware=hardware_settings(cfg, device, "off"),
+        hardware=hardware_settings(cfg, device, resolve_amp(cfg.hardware.amp, device)),
         settings=trainer_settings(cfg),
         logger=MultiLogger([]),
         console=SilentConsole(),
