@@ -215,7 +215,7 @@ def save_calibration_panel(curves: list[dict], png_path: str | os.PathLike, titl
             lw=1.3,
             drawstyle="steps-mid",
         )
-    ax.set_xlim(0, 1)
+    ax.set_xlim(0, 1.02)
     ax.set_ylim(-0.01, 1.02)  # markers at 0 and 1 stay whole
     ax.set_ylabel("Accuracy in the confidence bin")
     ax.grid(True, color="0.9", lw=0.6)
@@ -223,7 +223,6 @@ def save_calibration_panel(curves: list[dict], png_path: str | os.PathLike, titl
     # below the axes, so that it never hides a curve (under-confident ones run top left,
     # over-confident ones bottom right)
     fig.legend(loc="outside lower center", fontsize=9, frameon=True, ncols=1)
-    hx.set_xlim(0, 1)
     hx.set_xlabel("Confidence (max softmax probability); top: mean confidence of each bin")
     hx.set_ylabel("% of samples")
     hx.grid(True, color="0.9", lw=0.6)

@@ -88,7 +88,7 @@ def main(argv: list[str] | None = None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     print_tables(configs, console)
     if args.baseline is not None:
-        print_comparisons(comparisons, configs, args.baseline, console)
+        print_comparisons(comparisons, args.baseline, console)
         for line in unmatched_lines(unmatched, args.baseline):
             console.print(line, soft_wrap=True)
     for line in excluded_lines(excluded):

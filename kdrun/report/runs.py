@@ -3,7 +3,8 @@
 Contract
 --------
 * :func:`find_runs` — every directory holding a ``summary.json`` below the given paths (a run
-  dir, a multirun dir, ``outputs/``), W&B folders excluded, in path order, without duplicates.
+  dir, a multirun dir, ``outputs/``), W&B folders excluded, in path order (numbers in paths
+  compared as numbers), without duplicates.
 * :func:`read_run` — one run: its ``summary.json``, ``.hydra/overrides.yaml``, the ``status`` of
   ``run.json`` (None without one) and the evaluation protocol; None when ``summary.json`` is not
   readable JSON.
@@ -32,6 +33,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -127,15 +129,19 @@ def numeric(v: Any) -> bool:
     return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
 
 
+def natural_key(path: Path) -> list:
+    """Sort key reading digit runs as numbers: sweep job 2 before job 10."""
+    return [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", str(path))]
+
+
 def find_runs(paths: list[Path]) -> list[Path]:
     runs: list[Path] = []
     for path in paths:
         if (path / "summary.json").is_file():
             runs.append(path)
         elif path.is_dir():
-            runs.extend(
-                sorted(p.parent for p in path.rglob("summary.json") if "wandb" not in p.parts)
-            )
+            found = [p.parent for p in path.rglob("summary.json") if "wandb" not in p.parts]
+            runs.extend(sorted(found, key=natural_key))
     return list(OrderedDict.fromkeys(runs))
 
 

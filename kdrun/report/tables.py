@@ -205,8 +205,9 @@ DIFF_HEADERS = ["pairs", "baseline", "method", "Δ", "95 % CI of Δ", "p (paired
 def print_tables(configs: list[Configuration], console: Console) -> None:
     for protocol, members in by_protocol(configs).items():
         cols = columns_present(members, protocol)
+        console.print(f"Protocol: {protocol_title(protocol, members)}", soft_wrap=True)
         table = Table(
-            title=f"kdrun report: mean ± std over seeds — {protocol_title(protocol, members)}",
+            title=f"kdrun report: mean ± std over seeds ({PROTOCOL_SHORT[protocol]})",
             title_justify="left",
         )
         for name in ("method", "dataset", "model", "overrides", "seeds"):
@@ -228,9 +229,7 @@ def print_tables(configs: list[Configuration], console: Console) -> None:
             console.print(note, soft_wrap=True)
 
 
-def print_comparisons(
-    comparisons: list[Comparison], configs: list[Configuration], baseline: str, console: Console
-) -> None:
+def print_comparisons(comparisons: list[Comparison], baseline: str, console: Console) -> None:
     for title, members in group_by_context(comparisons).items():
         cols = columns_present([members[0].baseline], members[0].baseline.protocol)
         table = Table(title=f"paired difference vs {baseline} — {title}", title_justify="left")
@@ -288,11 +287,10 @@ def markdown_comparisons(comparisons: list[Comparison], baseline: str) -> list[s
                 if cells:
                     lines.append(markdown_row([method_label(c.method), header, *cells]))
         lines.append("")
-        for c in members:
-            line = missing_seeds_line(c)
-            if line:
-                lines += [f"- {line}"]
-        lines.append("")
+        missing = [missing_seeds_line(c) for c in members]
+        lines += [f"- {line}" for line in missing if line]
+        if any(missing):
+            lines.append("")
     return lines
 
 
@@ -325,8 +323,7 @@ def write_markdown(
     ]
     if baseline is not None:
         lines += markdown_comparisons(comparisons or [], baseline)
-        lines += [f"- {line}" for line in unmatched_lines(unmatched, baseline)]
-        lines.append("")
+        lines += [f"- {line}" for line in unmatched_lines(unmatched, baseline)] + [""]
     if excluded:
         lines += ["## Runs not included", ""]
         lines += [f"- {line}" for line in excluded_lines(excluded)] + [""]
@@ -335,7 +332,10 @@ def write_markdown(
         for panel in panels:
             rel = panel.relative_to(path.parent) if panel.is_relative_to(path.parent) else panel
             lines += [f"![{panel.stem}]({rel.as_posix()})", ""]
-    path.write_text("\n".join(lines).rstrip() + "\n")
+    text = "\n".join(lines)
+    while "\n\n\n" in text:
+        text = text.replace("\n\n\n", "\n\n")
+    path.write_text(text.rstrip() + "\n")
 
 
 def unmatched_lines(unmatched: list[Configuration], baseline: str) -> list[str]:
