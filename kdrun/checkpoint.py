@@ -2,7 +2,10 @@
 
 A checkpoint is one dict of tensors and plain values (model, method state, optimizer, scheduler,
 grad scaler, epoch/step counters, RNG states, best-so-far, meters), so it loads with
-``torch.load(weights_only=True)``: no code runs from a checkpoint file.
+``torch.load(weights_only=True)``: no code runs from a checkpoint file. Checkpoints are always
+loaded into host memory (``map_location="cpu"``) and copied into the live modules, optimizer and
+RNGs from there, so a checkpoint saved on a GPU resumes on a CPU, on another GPU or on a different
+number of GPUs (the batch order is defined on the global batch, not per rank).
 
 Writes go to a temporary file in the same directory, are fsynced and then ``os.replace``d over the
 target, so a crash mid-write never leaves a truncated ``last.ckpt``. The previous ``last.ckpt`` is
@@ -112,6 +115,11 @@ def rng_state() -> dict[str, Any]:
 
 
 def set_rng_state(state: dict[str, Any]) -> None:
-    torch.set_rng_state(state["torch"])
+    """Restore RNG states saved by :func:`rng_state`, wherever the checkpoint came from: the
+    states are CPU byte tensors whatever device the checkpoint was mapped to, and CUDA states
+    are restored for the GPUs both machines have (a run saved on 4 GPUs resumes on 1, or on a
+    CPU, and the other way round)."""
+    torch.set_rng_state(state["torch"].cpu())
     if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+        for device, cuda_state in enumerate(state["cuda"][: torch.cuda.device_count()]):
+            torch.cuda.set_rng_state(cuda_state.cpu(), device)

@@ -28,7 +28,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from kdrun import checkpoint as ckpt
-from kdrun import distributed, rundir
+from kdrun import distributed, hpo, rundir
 from kdrun.config import validate
 from kdrun.console import Console, SilentConsole
 from kdrun.data.datasets import build_datasets
@@ -99,12 +99,13 @@ def choose_run_dir(cfg: DictConfig, fresh_dir: Path, multirun: bool, fp: str) ->
     return previous
 
 
-def load_resume_state(cfg: DictConfig, run_dir: Path, device: torch.device) -> dict | None:
+def load_resume_state(cfg: DictConfig, run_dir: Path) -> dict | None:
+    """The checkpoint to resume from, in host memory (the trainer copies it to its device)."""
     if cfg.resume == "never":
         return None
     if cfg.resume == "auto":
-        return ckpt.load_latest(run_dir / "checkpoints", map_location=device)
-    return ckpt.load(cfg.resume, map_location=device)
+        return ckpt.load_latest(run_dir / "checkpoints")
+    return ckpt.load(cfg.resume)
 
 
 def build_logger(
@@ -186,6 +187,8 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         )
     info = distributed.DistInfo()
     device = resolve_device(hw_cfg.device, env_dist.local_rank if env_dist else 0)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)  # this rank's GPU for NCCL, object broadcasts, pinning
     if env_dist is not None and env_dist.world_size > 1:
         info = distributed.init_distributed(device.type)
     setup_console_logging(info.rank)
@@ -268,8 +271,14 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         method.prepare(runner)
         model = ctx.new_model()
         trainer = ctx.make_trainer(model, method, step_offset=runner.step_offset)
-        state = load_resume_state(cfg, run_dir, device)
-        timing = trainer.fit(state)
+        trainer.callbacks.extend(hpo.trial_callbacks(cfg, run_dir))  # report/prune in a search
+        state = load_resume_state(cfg, run_dir)
+        pruned: hpo.TrialPruned | None = None
+        try:
+            timing = trainer.fit(state)
+        except hpo.TrialPruned as exc:  # the search stopped this trial; its checkpoint is written
+            log.info("%s", exc)
+            timing, pruned = {"train_time_s": trainer.train_time_s}, exc
         runner.final_metrics = trainer.final_metrics()
         choices = hc.runtime.choices
         summary: dict[str, Any] = {
@@ -287,12 +296,13 @@ def train(cfg: DictConfig) -> dict[str, Any]:
             **runner.summary,
             **trainer.final_metrics(),
             **method.summary(),
+            **({"pruned": True, "pruned_epoch": pruned.epoch} if pruned else {}),
         }
         if info.is_main:
             logger.log_summary(summary)
             split = summary["eval_split"]
             console.metrics_table(f"final {split} metrics (last epoch)", summary)
-        status, exit_code = "finished", 0
+        status, exit_code = ("pruned" if pruned else "finished"), 0
         return summary
     except BaseException as exc:
         from kdrun.engine import Preempted
@@ -355,8 +365,7 @@ def _app(cfg: DictConfig) -> float | None:
             raise
         print(f"kdrun: error: {err}", file=sys.stderr)
         sys.exit(2)
-    objective = summary.get("test/acc1")
-    return float(objective) if objective is not None else None
+    return hpo.objective(cfg, summary)  # None for a pruned trial
 
 
 def main() -> None:

@@ -4,13 +4,28 @@ Everything here is a no-op in a single process, so callers never branch on ``wor
 ``init_distributed`` reads the torchrun variables (``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``,
 ``MASTER_ADDR``, ``MASTER_PORT``) or, failing those, SLURM's (``SLURM_PROCID``, ``SLURM_NTASKS``,
 ``SLURM_LOCALID``, the first host of ``SLURM_JOB_NODELIST``). The backend is NCCL on CUDA and gloo
-on CPU.
+on CPU. Under CUDA every rank binds its GPU (``torch.cuda.set_device(LOCAL_RANK)``) before the
+process group exists, so NCCL collectives, object broadcasts and pinned-memory threads use the
+rank's own GPU.
+
+Uneven batches: a training step may give ranks slices that differ in length (the last global batch
+of an epoch). The engine declares every rank's slice length for the step with
+:func:`batch_layout` (host values known to all ranks, no communication); :func:`all_gather_cat`
+then pads each rank's rows to the longest slice, gathers, and trims every part back — exact, in
+rank order, with no host synchronisation.
+
+Stopping together: :class:`StopAgreement` lets all ranks agree to stop at the same step when a
+signal reached any of them, through an asynchronous MAX all-reduce of a host integer on a
+separate gloo group, read one step later — no device synchronisation in the step.
 """
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import os
 import subprocess
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -77,8 +92,16 @@ def init_distributed(device_type: str, timeout_s: float = 600.0) -> DistInfo:
     backend = "nccl" if device_type == "cuda" else "gloo"
     from datetime import timedelta
 
+    if device_type == "cuda":
+        torch.cuda.set_device(info.local_rank % torch.cuda.device_count())
     dist.init_process_group(backend=backend, timeout=timedelta(seconds=timeout_s))
+    global _CONTROL_GROUP
+    # host-side control messages (the stop agreement) never touch the GPU stream
+    _CONTROL_GROUP = dist.new_group(backend="gloo")
     return info
+
+
+_CONTROL_GROUP = None
 
 
 def is_initialized() -> bool:
@@ -101,15 +124,57 @@ def _comm_device(t: torch.Tensor) -> torch.device:
     return t.device
 
 
+_LAYOUT: contextvars.ContextVar[tuple[int, ...] | None] = contextvars.ContextVar(
+    "kdrun_batch_layout", default=None
+)
+
+
+@contextlib.contextmanager
+def batch_layout(sizes: Sequence[int] | None) -> Iterator[None]:
+    """Within this block, per-sample tensors gathered by :func:`all_gather_cat` have
+    ``sizes[r]`` rows on rank ``r`` (or a whole multiple ``k * sizes[r]`` on every rank, e.g. a
+    rotated batch). ``None``: equal shapes on every rank."""
+    token = _LAYOUT.set(tuple(int(n) for n in sizes) if sizes is not None else None)
+    try:
+        yield
+    finally:
+        _LAYOUT.reset(token)
+
+
 def all_gather_cat(t: torch.Tensor) -> torch.Tensor:
-    """Concatenate equally-shaped tensors from every rank along dim 0 (rank order), on ``t``'s
-    device."""
+    """Concatenate every rank's rows along dim 0 (rank order), on ``t``'s device.
+
+    Inside :func:`batch_layout` the ranks may hold different numbers of rows (padded to the
+    longest, gathered, trimmed); outside it every rank's ``t`` must have the same shape."""
     if not is_initialized():
         return t
+    world = dist.get_world_size()
     src = t.contiguous().to(_comm_device(t))
-    parts = [torch.empty_like(src) for _ in range(dist.get_world_size())]
+    rows = _layout_rows(src.shape[0], world)
+    if rows is not None and max(rows) != src.shape[0]:
+        pad = src.new_zeros((max(rows) - src.shape[0], *src.shape[1:]))
+        src = torch.cat([src, pad])
+    parts = [torch.empty_like(src) for _ in range(world)]
     dist.all_gather(parts, src)
+    if rows is not None:
+        parts = [p[:n] for p, n in zip(parts, rows)]
     return torch.cat(parts, dim=0).to(t.device)
+
+
+def _layout_rows(local_rows: int, world: int) -> list[int] | None:
+    """Every rank's row count for a gather inside :func:`batch_layout`, or None if equal."""
+    layout = _LAYOUT.get()
+    if layout is None or len(set(layout)) == 1:
+        return None
+    if len(layout) != world:
+        raise RuntimeError(f"batch layout {layout} does not match world size {world}")
+    mine = layout[dist.get_rank()]
+    if mine == 0 or local_rows % mine:
+        raise RuntimeError(
+            f"a per-sample tensor with {local_rows} rows does not fit this rank's {mine} samples"
+        )
+    k = local_rows // mine
+    return [k * n for n in layout]
 
 
 def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
@@ -128,6 +193,55 @@ def broadcast_object(obj):
     box = [obj]
     dist.broadcast_object_list(box, src=0)
     return box[0]
+
+
+def broadcast_buffers(module: torch.nn.Module) -> None:
+    """Rank 0's buffers of ``module`` (e.g. BatchNorm running statistics) on every rank."""
+    if not is_initialized():
+        return
+    for buf in module.buffers():
+        dist.broadcast(buf, src=0)
+
+
+class StopAgreement:
+    """All ranks stop at the same step when any of them received a stop signal.
+
+    ``poll(local_signum)`` is called once per training step on every rank. It waits for the
+    MAX all-reduce started by the previous poll (long finished: the ranks met in the gradient
+    all-reduce since), reads it from host memory, and starts the next one with this rank's
+    flag. So a signal seen by one rank at step k is acted on by every rank at step k + 1 or
+    k + 2, the same step everywhere. The flag lives in host memory and travels on a gloo group:
+    nothing here waits for the GPU. In one process it returns ``local_signum`` at once.
+    """
+
+    def __init__(self) -> None:
+        self.enabled = is_initialized()
+        self._flag = torch.zeros(1, dtype=torch.int64)
+        self._view = self._flag.numpy()  # host reads without a tensor op
+        self._work = None
+
+    def poll(self, local_signum: int | None) -> int | None:
+        if not self.enabled:
+            return local_signum
+        agreed = self._wait()
+        if agreed:
+            return agreed
+        self._view[0] = int(local_signum or 0)
+        self._work = dist.all_reduce(
+            self._flag, op=dist.ReduceOp.MAX, group=_CONTROL_GROUP, async_op=True
+        )
+        return None
+
+    def _wait(self) -> int | None:
+        if self._work is None:
+            return None
+        self._work.wait()
+        self._work = None
+        return int(self._view[0]) or None
+
+    def close(self) -> None:
+        """Finish the reduction in flight (every rank calls this at the same point)."""
+        self._wait()
 
 
 def barrier() -> None:

@@ -37,7 +37,7 @@ from kdrun.console import Console
 from kdrun.data.loaders import build_train_loader, eval_batches
 from kdrun.data.samplers import BatchSampler
 from kdrun.data.spec import Datasets
-from kdrun.errors import NonFiniteLossError
+from kdrun.errors import ConfigError, NonFiniteLossError
 from kdrun.loggers import Logger
 from kdrun.methods.base import Batch, Method, StepOutput
 from kdrun.metrics import classification_metrics
@@ -189,7 +189,8 @@ def resolve_amp(amp: str, device: torch.device) -> str:
     if amp != "auto":
         return amp
     if device.type == "cuda":
-        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+        # native bf16 only (Ampere and newer): emulated bf16 is slower than fp16 + GradScaler
+        return "bf16" if torch.cuda.is_bf16_supported(including_emulation=False) else "fp16"
     try:
         fast_bf16 = bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
     except (AttributeError, RuntimeError):
@@ -281,6 +282,10 @@ class Trainer:
                 self.train_module,
                 device_ids=[self.device.index] if self.device.type == "cuda" else None,
                 find_unused_parameters=False,
+                # banks and other buffers are kept equal by their own gathers (and BatchNorm
+                # statistics by SyncBatchNorm or once per epoch, _sync_buffers): broadcasting
+                # every buffer from rank 0 on each forward would move the whole bank per step
+                broadcast_buffers=False,
             )
         if hardware.compile:
             self.train_module = torch.compile(self.train_module)
@@ -306,6 +311,7 @@ class Trainer:
             rank=self.dist.rank,
             world_size=self.dist.world_size,
         )
+        self.sampler = sampler
         self.loader = build_train_loader(
             data,
             sampler,
@@ -332,6 +338,7 @@ class Trainer:
         self.history: list[dict[str, float]] = []
         self.train_time_s = 0.0  # accumulated over restarts
         self.signals = _SignalFlag()
+        self.stopper = distributed.StopAgreement()
         #: :mod:`kdrun.callbacks` objects told of the fit's events (chosen by the caller)
         self.callbacks: list[Any] = []
 
@@ -415,6 +422,7 @@ class Trainer:
                         for k, v in self.method.on_epoch_end(self.epoch - 1).items()
                     }
                 )
+                self._sync_buffers()
                 if self.epoch % s.eval_every == 0 or self.epoch == s.epochs:
                     record.update(self.evaluate())
                 self.meter.reset()
@@ -422,6 +430,7 @@ class Trainer:
                 self.history.append(record)
                 self.save_checkpoint()
                 notify(self.callbacks, "on_epoch_end", self, record)
+            self.stopper.close()
             notify(self.callbacks, "on_fit_end", self)
         finally:
             self.signals.restore()
@@ -430,6 +439,7 @@ class Trainer:
     def train_one_epoch(self) -> dict[str, float]:
         s, hw = self.settings, self.hw
         self.loader.set_epoch(self.epoch)
+        layouts = self._epoch_layouts()
         self.method.on_epoch_start(self.epoch, s.epochs)
         self.train_module.train()
         total = len(self.loader)
@@ -438,9 +448,10 @@ class Trainer:
         t0 = time.perf_counter()
         try:
             for x, y, index in self.loader.iter_from(self.step_in_epoch):
-                with autocast(self.device, hw.amp):
+                layout = layouts[self.step_in_epoch] if layouts else None
+                with autocast(self.device, hw.amp), distributed.batch_layout(layout):
                     out: StepOutput = self.train_module(x, y, index)
-                self.scaler.scale(out.loss).backward()
+                self.scaler.scale(self._rank_weighted(out, layout)).backward()
                 if s.grad_clip:
                     self.scaler.unscale_(self.optimizer)
                     nn.utils.clip_grad_norm_(self.optimizer.param_groups[0]["params"], s.grad_clip)
@@ -459,13 +470,15 @@ class Trainer:
                 if self.global_step % s.log_every == 0:
                     self._log_window()
                 self.console.advance()
-                if self.signals.signum is not None:
+                signum = self.stopper.poll(self.signals.signum)
+                if signum is not None:
                     self._check_finite()
                     self.save_checkpoint()
+                    who = f"rank {self.dist.rank}: " if self.dist.enabled else ""
                     raise Preempted(
-                        f"signal {self.signals.signum}: checkpoint written at "
-                        f"epoch {self.epoch} step {self.step_in_epoch}",
-                        signum=self.signals.signum,
+                        f"{who}signal {signum}: checkpoint written at epoch {self.epoch} step "
+                        f"{self.step_in_epoch} (global step {self.global_step})",
+                        signum=signum,
                     )
                 if s.checkpoint_every_steps and self.global_step % s.checkpoint_every_steps == 0:
                     self._check_finite()
@@ -479,6 +492,36 @@ class Trainer:
         stats["lr"] = self.optimizer.param_groups[0]["lr"]
         stats["epoch_time_s"] = time.perf_counter() - t0
         return stats
+
+    def _epoch_layouts(self) -> list[tuple[int, ...]] | None:
+        """Every step's per-rank batch sizes this epoch (None in one process)."""
+        if not self.dist.enabled:
+            return None
+        layouts = self.sampler.epoch_layout()
+        for step, sizes in enumerate(layouts):
+            if min(sizes) == 0:
+                raise ConfigError(
+                    f"step {step} of epoch {self.epoch + 1} has {sum(sizes)} samples for "
+                    f"{len(sizes)} ranks, so a rank would train on none: set "
+                    "trainer.drop_last=true or a trainer.batch_size whose last batch has at "
+                    "least one sample per rank"
+                )
+        return layouts
+
+    def _rank_weighted(self, out: StepOutput, layout: tuple[int, ...] | None) -> torch.Tensor:
+        """The loss this rank back-propagates. DDP averages gradients over ranks; a rank whose
+        loss is a mean over its own slice is weighted by ``W * n_rank / n_global`` (a host
+        float), so any global batch — divisible or not — gives the single-process gradient.
+        A loss already normalised over the global batch (``out.loss_is_global``) is left as is."""
+        if layout is None or out.loss_is_global or len(set(layout)) == 1:
+            return out.loss
+        return out.loss * (len(layout) * layout[self.dist.rank] / sum(layout))
+
+    def _sync_buffers(self) -> None:
+        """Without SyncBatchNorm each rank's BatchNorm statistics drift apart; rank 0's are
+        the ones evaluated and saved, so every rank takes them once per epoch."""
+        if self.dist.enabled and not self.hw.sync_bn:
+            distributed.broadcast_buffers(self.model)
 
     @torch.no_grad()
     def _step_unless_empty(self, weight: torch.Tensor) -> None:
@@ -510,8 +553,9 @@ class Trainer:
         after = state_tensors()
         current = [*params, *(after[k] for k in before)]
         created = [v for k, v in after.items() if k not in before]
-        # one pass: lerp with weight 0 returns the start and with weight 1 the end, exactly
-        torch._foreach_lerp_(current, saved, 1.0 - keep)
+        # one pass: lerp with weight 0 returns the start and with weight 1 the end, exactly; the
+        # weight stays a tensor (a 0-d tensor taken as a Scalar would be read on the host)
+        torch._foreach_lerp_(current, saved, [1.0 - keep] * len(current))
         if created:
             torch._foreach_mul_(created, keep)
 

@@ -11,6 +11,10 @@ trains a fresh model with ``method`` and returns it frozen in eval mode:
   ``metrics.jsonl`` and W&B run, with steps that continue into the next stage;
 * it checkpoints into ``<run_dir>/<name>/checkpoints`` — a run killed during the stage resumes
   the stage; a run killed later finds the finished stage and does not retrain it;
+* the stage's steps count in the run's step axis whether it was trained or taken from the cache,
+  so a run restarted after its teacher was cached logs its next stage at the same steps as an
+  uninterrupted run (W&B drops steps that go backwards); ``<name>/cached`` is false when this run
+  trained the stage, in this launch or an earlier one (``<run_dir>/<name>/stage.json``);
 * finished stages (the model and the stage method's state, e.g. per-sample counts) are cached
   under ``paths.teacher_cache`` by a hash of everything that determines them (dataset, model,
   optimizer, schedule, trainer recipe, seed, amp, the stage method's settings), so a sweep over
@@ -176,14 +180,21 @@ class StageRunner:
             lock.acquire()  # waits while a parallel job trains the same stage
         try:
             use_cache = distributed.broadcast_object(self._cache_ok(cache_file))
+            stage_dir = ctx.run_dir / name
             if use_cache:
-                state = ckpt.load(cache_file, map_location=ctx.hardware.device)
+                state = ckpt.load(cache_file)
                 model.load_state_dict(state["model"])
                 if "method" in state:  # the stage method's state (e.g. per-sample counts)
                     method.load_state_dict(state["method"], strict=False)
                 log.info("%s: reusing the cached stage %s", name, cache_file)
+                record = _read_stage_record(stage_dir)
+                steps = state.get("steps")
+                if steps is None:  # entries written before the step count was stored
+                    steps = epochs * _steps_per_epoch(ctx.num_samples(), settings)
+                self.step_offset += int(steps)
                 self.summary.update(state.get("metrics", {}))
-                self.summary[f"{name}/cached"] = True
+                # cached=False when an earlier launch of this same run trained it
+                self.summary[f"{name}/cached"] = record.get("key") != key
             else:
                 log.info(
                     "%s: training the stage (%d epochs)%s",
@@ -191,7 +202,6 @@ class StageRunner:
                     epochs,
                     f", cache key {key}" if cache_file else "",
                 )
-                stage_dir = ctx.run_dir / name
                 trainer = ctx.make_trainer(
                     model,
                     method,
@@ -202,7 +212,7 @@ class StageRunner:
                 )
                 state = None
                 if self.resume:
-                    state = ckpt.load_latest(stage_dir / "checkpoints", ctx.hardware.device)
+                    state = ckpt.load_latest(stage_dir / "checkpoints")
                 trainer.fit(state)
                 self.step_offset += trainer.global_step
                 metrics = trainer.final_metrics()
@@ -211,6 +221,8 @@ class StageRunner:
                 self.summary.update(metrics)
                 self.summary[f"{name}/cached"] = False
                 model = trainer.model
+                if ctx.is_main:
+                    _write_stage_record(stage_dir, {"key": key, "steps": trainer.global_step})
                 if cache_file is not None and ctx.is_main:
                     ckpt.atomic_save(
                         {
@@ -218,6 +230,7 @@ class StageRunner:
                             "method": method.state_dict(),
                             "metrics": metrics,
                             "key": key,
+                            "steps": trainer.global_step,
                         },
                         cache_file,
                     )
@@ -234,7 +247,7 @@ class StageRunner:
             raise CheckpointError(
                 f"teacher checkpoint {path} does not exist: check method.teacher_ckpt"
             )
-        state = ckpt.load(path, map_location=self.ctx.hardware.device)
+        state = ckpt.load(path)
         try:
             model.load_state_dict(state["model"])
         except RuntimeError as exc:
@@ -254,6 +267,26 @@ class StageRunner:
         except CheckpointError as err:
             log.warning("ignoring a bad stage cache entry: %s", err)
             return False
+
+
+def _steps_per_epoch(num_samples: int, settings: TrainerSettings) -> int:
+    full, rest = divmod(num_samples, settings.batch_size)
+    steps = full + (1 if rest and not settings.drop_last else 0)
+    return min(steps, settings.limit_train_batches) if settings.limit_train_batches else steps
+
+
+def _read_stage_record(stage_dir: Path) -> dict[str, Any]:
+    try:
+        return json.loads((stage_dir / "stage.json").read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+def _write_stage_record(stage_dir: Path, record: dict[str, Any]) -> None:
+    from kdrun.loggers import atomic_write_json
+
+    stage_dir.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(stage_dir / "stage.json", record)
 
 
 def freeze(model: nn.Module) -> nn.Module:

@@ -2,8 +2,11 @@
 
 A batch sampler yields ``torch.int64`` index tensors, one per optimizer step, for one epoch.
 ``trainer.batch_size`` is the *global* batch: under DDP every global batch is cut into
-``world_size`` contiguous slices and rank r trains on slice r, so the averaged gradient equals the
-single-process gradient of the same global batch. Because the order is a pure function of
+``world_size`` contiguous slices and rank r trains on slice r. Slices differ by at most one sample
+when the global batch does not divide (the last batch of an epoch, say): ``rank_sizes`` tells every
+rank all slices' lengths without communication, and the engine weights each rank's loss by its
+share of the global batch, so the averaged gradient equals the single-process gradient of the same
+global batch either way. Because the order is a pure function of
 ``(seed, epoch)``, a run resumed in the middle of an epoch skips the batches it already did
 (``iter_from(step)``) and sees exactly what an uninterrupted run sees.
 """
@@ -59,10 +62,30 @@ class BatchSampler:
             batches.pop()
         return batches
 
+    def _parts(self, n: int) -> list[int]:
+        """Lengths of the consecutive parts of a global batch of ``n`` that are each split over
+        the ranks (one part here; pair samplers have two, so every rank gets whole pairs)."""
+        return [n]
+
     def _local(self, batch: torch.Tensor) -> torch.Tensor:
         if self.world_size == 1:
             return batch
-        return torch.tensor_split(batch, self.world_size)[self.rank]
+        pieces = torch.split(batch, self._parts(batch.shape[0]))
+        return torch.cat([torch.tensor_split(p, self.world_size)[self.rank] for p in pieces])
+
+    def rank_sizes(self, n: int) -> tuple[int, ...]:
+        """How many samples of a global batch of ``n`` each rank trains (rank order) — the
+        lengths of :meth:`_local` on every rank, computed on the host without communication."""
+        sizes = [0] * self.world_size
+        for part in self._parts(n):
+            q, extra = divmod(part, self.world_size)
+            for r in range(self.world_size):
+                sizes[r] += q + (1 if r < extra else 0)
+        return tuple(sizes)
+
+    def epoch_layout(self) -> list[tuple[int, ...]]:
+        """``rank_sizes`` of every step of the current epoch."""
+        return [self.rank_sizes(b.shape[0]) for b in self.global_batches()]
 
     def iter_from(self, start: int = 0) -> Iterator[torch.Tensor]:
         for batch in self.global_batches()[start:]:

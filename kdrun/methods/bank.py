@@ -1,13 +1,15 @@
 """SampleBank: a per-sample tensor store indexed by the dataset index that travels with a batch.
 
 ``values`` has shape ``[N, *shape]`` and lives on the training device (or in pinned CPU memory
-with ``device="cpu_pinned"`` for ImageNet-scale banks); ``written`` is a bool mask ``[N]``.
+with ``device="cpu_pinned"`` for ImageNet-scale banks; such a bank reads and writes on the host,
+so each access copies the batch's index and values between device and host in order, one
+synchronisation each); ``written`` is a bool mask ``[N]``.
 ``read(index)`` and ``write(index, values)`` are single vectorised ``index_select`` / ``index_copy_``
 calls: no Python loop over samples and no host synchronisation. ``read_or(index, default)`` returns
 the stored value where written and ``default`` elsewhere (a ``torch.where``, still no sync).
 
-Under DDP, ``write(..., sync=True)`` first all-gathers ``(index, values)`` from every rank and
-writes all of them, so every rank holds the same bank (the distributed sampler reshuffles each
+Under DDP, ``write(..., sync=True)`` first all-gathers ``(index, values)`` from every rank (slices
+of unequal length included, see :func:`kdrun.distributed.batch_layout`) and writes all of them, so every rank holds the same bank (the distributed sampler reshuffles each
 epoch, so a rank's next visit to a sample may come from another rank's write).
 
 ``check_consistent(name)`` (called by the methods once per epoch, a no-op in one process) compares
@@ -65,6 +67,10 @@ class SampleBank(nn.Module):
         return self.values.shape[0]
 
     def _index(self, index: torch.Tensor) -> torch.Tensor:
+        if self.values.device != index.device and self.values.device.type == "cpu":
+            # a pinned bank indexes on the host: the copy must finish before index_select
+            # reads it, so it is an ordinary (blocking) device-to-host copy
+            return index.to(self.values.device)
         return index.to(self.values.device, non_blocking=True)
 
     def read(self, index: torch.Tensor, device: torch.device | None = None) -> torch.Tensor:

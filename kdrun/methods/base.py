@@ -47,6 +47,10 @@ class StepOutput:
     targets: torch.Tensor | None = None  # [B'] labels for ``logits`` (default: batch.y)
     logs: dict[str, torch.Tensor] = field(default_factory=dict)  # detached 0-d tensors
     weight: torch.Tensor | None = None  # 0-d count of samples that took part (default: B')
+    #: the loss is already normalised over the global batch (e.g. by a participant count summed
+    #: over DDP ranks); otherwise it is a mean over this rank's slice and the engine weights it
+    #: by the slice's share of the global batch
+    loss_is_global: bool = False
 
 
 class StageRunner(Protocol):

@@ -114,13 +114,8 @@ class PairBatchSampler(BatchSampler):
             mates.pop()
         return [torch.cat([a, p]) for a, p in zip(anchors, mates)]
 
-    def _local(self, batch: torch.Tensor) -> torch.Tensor:
-        if self.world_size == 1:
-            return batch
-        h = batch.shape[0] // 2
-        anchors = torch.tensor_split(batch[:h], self.world_size)[self.rank]
-        partners = torch.tensor_split(batch[h:], self.world_size)[self.rank]
-        return torch.cat([anchors, partners])
+    def _parts(self, n: int) -> list[int]:
+        return [n // 2, n - n // 2]  # anchors, partners: every rank gets whole pairs
 
     def __len__(self) -> int:
         full, rest = divmod(self.num_samples, self.half)

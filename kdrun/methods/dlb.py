@@ -103,12 +103,9 @@ class OverlapBatchSampler(BatchSampler):
             return c  # N <= h: a single batch, nothing to overlap
         return [torch.cat([c[t], c[t + 1]]) for t in range(len(c) - 1)]
 
-    def _local(self, batch: torch.Tensor) -> torch.Tensor:
-        if self.world_size == 1:
-            return batch
-        first = torch.tensor_split(batch[: self.half], self.world_size)[self.rank]
-        second = torch.tensor_split(batch[self.half :], self.world_size)[self.rank]
-        return torch.cat([first, second])
+    def _parts(self, n: int) -> list[int]:
+        first = min(self.half, n)  # the repeated chunk c_t, then c_{t+1}
+        return [first, n - first]
 
     def __len__(self) -> int:
         k = self.num_samples // self.half if self.drop_last else -(-self.num_samples // self.half)

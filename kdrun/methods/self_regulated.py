@@ -316,7 +316,13 @@ class SelfRegulatedTeacher(_Accounting):
         loss, participants = masked_reduce(ce, mask, self.reduction)
         self._record(batch.index, mask, participants)
         logs = {"ce": ce.mean().detach(), "participation": mask.float().mean()}
-        return StepOutput(loss=loss, logits=logits, logs=logs, weight=mask.sum())
+        return StepOutput(
+            loss=loss,
+            logits=logits,
+            logs=logs,
+            weight=mask.sum(),
+            loss_is_global=self.reduction == "participants",
+        )
 
     def summary(self) -> dict[str, Any]:
         out, hist = self._accounting_summary()
@@ -613,7 +619,13 @@ class _Student(_Accounting):
             loss, participants = masked_reduce(per_sample, mask, self.reduction)
             self._record(batch.index, mask, participants)
             logs["participation"] = mask.float().mean()
-            return StepOutput(loss=loss, logits=logits, logs=logs, weight=mask.sum())
+            return StepOutput(
+                loss=loss,
+                logits=logits,
+                logs=logs,
+                weight=mask.sum(),
+                loss_is_global=self.reduction == "participants",
+            )
         self._record(batch.index, torch.ones_like(batch.y, dtype=torch.bool), None)
         return StepOutput(loss=per_sample.mean(), logits=logits, logs=logs)
 
