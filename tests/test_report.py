@@ -256,6 +256,21 @@ def test_baseline_pairs_seeds_and_lists_the_missing(tmp_path, capsys):
     assert "- ps_kd vs ce: missing seeds: 3 (ce only), 5 (ps_kd only)" in md
 
 
+def test_several_runs_of_one_seed_are_averaged_before_pairing(tmp_path, capsys):
+    root = tmp_path / "runs"
+    accs = {("ce", 0, "a"): 0.80, ("ce", 0, "b"): 0.84, ("ce", 1, "a"): 0.90}
+    accs |= {("ps_kd", 0, "a"): 0.85, ("ps_kd", 1, "a"): 0.91}
+    for (method, seed, sweep), acc in accs.items():
+        summary = {"method": method, "dataset": "digits", "seed": seed, "test/acc1": acc}
+        make_run(root / sweep, f"{method}{seed}", summary, [f"method={method}", f"seed={seed}"])
+    assert report_main([str(root), "--baseline", "ce", "--no-plots"]) == 0
+    assert "ce: several runs of seed 0; the mean of each seed's runs is paired" in (
+        capsys.readouterr().out
+    )
+    row = next(r for r in read_csv(root / "report_baseline.csv") if r["metric"] == "test/acc1")
+    check_against_scipy(row, [0.82, 0.90], [0.85, 0.91])
+
+
 def test_test_selected_figures_are_never_called_best(tmp_path, capsys):
     three_seed_sweep(tmp_path / "sweep")
     assert report_main([str(tmp_path / "sweep"), "--baseline", "ce"]) == 0

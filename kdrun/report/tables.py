@@ -152,19 +152,28 @@ def notes_for(columns: list[Column]) -> list[str]:
     return [NOTES[key] for key, _, _ in columns if key in NOTES]
 
 
-def missing_seeds_line(c: Comparison) -> str | None:
+def pair_notes(c: Comparison) -> list[str]:
+    """The seeds left out of the pairs, and seeds with several runs (their mean is paired)."""
+    notes = []
     parts = []
     if c.only_baseline:
         parts.append(f"{fmt_seeds(c.only_baseline)} ({c.baseline.method} only)")
     if c.only_method:
         parts.append(f"{fmt_seeds(c.only_method)} ({method_label(c.method)} only)")
-    if not parts:
-        return None
-    return (
-        f"{method_label(c.method)} vs {method_label(c.baseline)}: missing seeds: "
-        + ", ".join(parts)
-        + " — left out of the pairs"
-    )
+    if parts:
+        notes.append(
+            f"{method_label(c.method)} vs {method_label(c.baseline)}: missing seeds: "
+            + ", ".join(parts)
+            + " — left out of the pairs"
+        )
+    for config in (c.baseline, c.method):
+        duplicates = config.duplicate_seeds()
+        if duplicates:
+            notes.append(
+                f"{method_label(config)}: several runs of seed {fmt_seeds(duplicates)}; "
+                "the mean of each seed's runs is paired"
+            )
+    return notes
 
 
 def context_title(c: Comparison) -> str:
@@ -245,8 +254,7 @@ def print_comparisons(comparisons: list[Comparison], baseline: str, console: Con
             table.add_section()
         console.print(table)
         for c in members:
-            line = missing_seeds_line(c)
-            if line:
+            for line in pair_notes(c):
                 console.print(line, soft_wrap=True)
     console.print(DIFF_NOTE, soft_wrap=True)
 
@@ -287,10 +295,8 @@ def markdown_comparisons(comparisons: list[Comparison], baseline: str) -> list[s
                 if cells:
                     lines.append(markdown_row([method_label(c.method), header, *cells]))
         lines.append("")
-        missing = [missing_seeds_line(c) for c in members]
-        lines += [f"- {line}" for line in missing if line]
-        if any(missing):
-            lines.append("")
+        notes = [line for c in members for line in pair_notes(c)]
+        lines += [f"- {line}" for line in notes] + [""]
     return lines
 
 
