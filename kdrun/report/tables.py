@@ -190,6 +190,13 @@ def group_by_context(comparisons: list[Comparison]) -> dict[str, list[Comparison
     return out
 
 
+def row_label(c: Comparison, members: list[Comparison]) -> str:
+    """The method; with its baseline too where a context has several baseline configurations."""
+    if len({id(m.baseline) for m in members}) > 1:
+        return f"{method_label(c.method)} vs {method_label(c.baseline)}"
+    return method_label(c.method)
+
+
 def difference_cells(c: Comparison, key: str, scale: float) -> list[str] | None:
     diff = c.differences.get(key)
     if diff is None or diff.n == 0:
@@ -250,7 +257,7 @@ def print_comparisons(comparisons: list[Comparison], baseline: str, console: Con
             for key, header, scale in cols:
                 cells = difference_cells(c, key, scale)
                 if cells:
-                    table.add_row(method_label(c.method), header, *cells)
+                    table.add_row(row_label(c, members), header, *cells)
             table.add_section()
         console.print(table)
         for c in members:
@@ -293,7 +300,7 @@ def markdown_comparisons(comparisons: list[Comparison], baseline: str) -> list[s
             for key, header, scale in cols:
                 cells = difference_cells(c, key, scale)
                 if cells:
-                    lines.append(markdown_row([method_label(c.method), header, *cells]))
+                    lines.append(markdown_row([row_label(c, members), header, *cells]))
         lines.append("")
         notes = [line for c in members for line in pair_notes(c)]
         lines += [f"- {line}" for line in notes] + [""]
