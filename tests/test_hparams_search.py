@@ -1,6 +1,8 @@
-"""`hparams_search=ps_kd_alpha`: a real Optuna study (sqlite) driven through Hydra, that resumes.
+"""`hparams_search=ps_kd_alpha`: real Optuna studies driven through Hydra by kdrun's sweeper, on
+digits — scoring on the validation split, resuming to the study's total after SIGTERM, pruning
+from inside the trial processes, and two trials at once sharing the study's journal file.
 
-The studies are read back with Optuna itself from the sqlite file the sweep wrote.
+The studies are read back with Optuna itself from the journal file the sweep wrote.
 """
 
 from __future__ import annotations
@@ -10,6 +12,7 @@ import os
 import signal
 import subprocess
 import sys
+from datetime import datetime
 from pathlib import Path
 
 import pytest
@@ -21,6 +24,8 @@ from tests.test_cli import wait_for_glob
 optuna = pytest.importorskip("optuna")
 from optuna.trial import TrialState  # noqa: E402
 
+from kdrun import hpo  # noqa: E402
+
 BASE = [
     "hparams_search=ps_kd_alpha",
     "dataset=digits",
@@ -31,14 +36,26 @@ STUDY = "ps_kd_alpha-digits"
 
 
 def load_study(tmp_path: Path) -> optuna.Study:
-    return optuna.load_study(
-        study_name=STUDY, storage=f"sqlite:///{tmp_path / 'outputs' / 'optuna' / 'ps_kd_alpha.db'}"
-    )
+    journal = tmp_path / "outputs" / "optuna" / "ps_kd_alpha.journal"
+    return optuna.load_study(study_name=STUDY, storage=hpo.open_storage(str(journal)))
 
 
 def trial_dirs(tmp_path: Path) -> list[Path]:
     jobs = (tmp_path / "outputs" / "multiruns").glob("*/*")
     return sorted((p for p in jobs if p.name.isdigit()), key=lambda p: int(p.name))
+
+
+def sweep_results(tmp_path: Path) -> tuple[Path, dict]:
+    (path,) = (tmp_path / "outputs" / "multiruns").glob("*/optimization_results.yaml")
+    return path.parent, OmegaConf.to_container(OmegaConf.load(path))
+
+
+def logged_epochs(run_dir: Path) -> list[int]:
+    return [
+        json.loads(line)["epoch"]
+        for line in (run_dir / "metrics.jsonl").read_text().splitlines()
+        if '"test/acc1"' in line
+    ]
 
 
 def test_study_runs_scores_on_validation_and_resumes_to_its_total(tmp_path):
@@ -58,14 +75,25 @@ def test_study_runs_scores_on_validation_and_resumes_to_its_total(tmp_path):
         assert cfg.method.alpha_T == pytest.approx(trial.params["method.alpha_T"])
         assert cfg.optim.lr == pytest.approx(trial.params["optim.lr"])
         assert trial.value == pytest.approx(summary["test/acc1"])
+        assert trial.intermediate_values == {1: pytest.approx(summary["test/acc1"])}
+        assert trial.user_attrs["run_dir"] == str(run_dir.resolve())
         # scored on the held-out validation share of the training set, not the test set
         assert summary["eval_split"] == "validation"
         assert cfg.dataset.val_fraction == 0.1
-    results = OmegaConf.load(
-        next((tmp_path / "outputs" / "multiruns").glob("*/optimization_results.yaml"))
-    )
-    assert results.best_value == pytest.approx(max(t.value for t in complete))
+    sweep_dir, results = sweep_results(tmp_path)
+    best = max(complete, key=lambda t: t.value)
+    assert results["best_value"] == pytest.approx(best.value)
+    assert results["best_params"] == pytest.approx(best.params)
+    assert results["trials"] == {"complete": 2, "pruned": 0, "failed": 0}
+    for plot in ("optimization_history.png", "param_importances.png"):
+        assert (sweep_dir / plot).read_bytes().startswith(b"\x89PNG")
     assert "final validation metrics" in proc.stdout
+    # the rerun command: the preset's method, the best values, the full training set, 5 seeds
+    rerun = results["rerun_best"].split()
+    assert rerun[:2] == ["kdrun", "-m"] and "method=ps_kd" in rerun
+    assert f"method.alpha_T={best.params['method.alpha_T']!r}" in rerun
+    assert "dataset.val_fraction=0" in rerun and rerun[-1] == "seed=0,1,2,3,4"
+    assert not any(w.startswith("hparams_search") for w in rerun)
 
     # the same command again: the study already has its 2 trials, nothing runs
     proc = run_kdrun([*BASE, "trainer.epochs=1", "hydra.sweeper.n_trials=2"], tmp_path)
@@ -75,6 +103,7 @@ def test_study_runs_scores_on_validation_and_resumes_to_its_total(tmp_path):
     run_kdrun([*BASE, "trainer.epochs=1", "hydra.sweeper.n_trials=3"], tmp_path)
     study = load_study(tmp_path)
     assert [t.state for t in study.trials] == [TrialState.COMPLETE] * 3
+    assert len({t.params["optim.lr"] for t in study.trials}) == 3
 
 
 def test_interrupted_trial_reruns_its_parameters_from_its_checkpoint(tmp_path):
@@ -100,49 +129,83 @@ def test_interrupted_trial_reruns_its_parameters_from_its_checkpoint(tmp_path):
     study = load_study(tmp_path)
     assert [t.state for t in study.trials] == [TrialState.RUNNING]
     params = study.trials[0].params
+    reported = study.trials[0].intermediate_values
 
     run_kdrun(args, tmp_path)
     study = load_study(tmp_path)
     states = [t.state for t in study.trials]
     assert states == [TrialState.FAIL, TrialState.COMPLETE, TrialState.COMPLETE]
-    assert study.user_attrs["kdrun_interrupted"] == [0]
+    assert study.user_attrs[hpo.INTERRUPTED_ATTR] == [0]
     assert study.trials[1].params == params  # the interrupted configuration ran again ...
     info = json.loads((interrupted_dir / "run.json").read_text())
     # ... and continued in its own run dir from its checkpoint (kdrun's resume=auto)
     assert info["status"] == "finished" and info["restarts"] == 1
+    assert study.trials[1].user_attrs["run_dir"] == str(interrupted_dir.resolve())
     summary = json.loads((interrupted_dir / "summary.json").read_text())
     assert study.trials[1].value == pytest.approx(summary["test/acc1"])
-    epochs = [
-        json.loads(line)["epoch"]
-        for line in (interrupted_dir / "metrics.jsonl").read_text().splitlines()
-        if '"test/acc1"' in line
-    ]
+    epochs = logged_epochs(interrupted_dir)
     assert epochs == sorted(set(epochs)) and epochs[-1] == 4  # no epoch trained twice
+    # the continuing trial carries the whole curve: the epochs before the kill, then its own
+    assert sorted(study.trials[1].intermediate_values) == [1, 2, 3, 4]
+    for epoch, value in reported.items():
+        assert study.trials[1].intermediate_values[epoch] == pytest.approx(value)
 
 
-def test_prepare_resume_counts_only_trials_that_ended_on_their_own():
-    from hydra_plugins.kdrun_optuna_sweeper import prepare_resume
-
-    study = optuna.create_study()  # in memory
-    done = study.ask()
-    done.suggest_float("lr", 0.01, 0.1)
-    study.tell(done, 1.0)
-    crashed = study.ask()
-    crashed.suggest_float("lr", 0.01, 0.1)
-    study.tell(crashed, state=TrialState.FAIL)
-    killed = study.ask()  # left RUNNING, as by a killed sweep
-    lr = killed.suggest_float("lr", 0.01, 0.1)
-
-    assert prepare_resume(study, 5) == 3  # the completed and the crashed trial count
-    assert [t.state for t in study.trials] == [
-        TrialState.COMPLETE,
-        TrialState.FAIL,
-        TrialState.FAIL,
-        TrialState.WAITING,  # the killed trial's parameters, queued again
+def test_pruned_trials_stop_early_and_are_marked_pruned(tmp_path):
+    # a threshold no trial reaches prunes every trial at the first epoch the pruner may
+    # (n_warmup_steps=2 in the preset): deterministic, unlike the median of a few trials
+    args = [
+        *BASE,
+        "trainer.epochs=3",
+        "hydra.sweeper.n_trials=2",
+        "hydra.sweeper.pruner=threshold",
+        "+hydra.sweeper.pruner_options.lower=1.01",
     ]
-    assert study.trials[3].system_attrs["fixed_params"] == {"lr": lr}
-    assert study.user_attrs["kdrun_interrupted"] == [2]
-    # a second rerun before anything ran changes nothing
-    assert prepare_resume(study, 5) == 3
-    assert study.user_attrs["kdrun_interrupted"] == [2]
-    assert prepare_resume(study, 1) == 0
+    proc = run_kdrun(args, tmp_path)
+    study = load_study(tmp_path)
+    assert [t.state for t in study.trials] == [TrialState.PRUNED] * 2
+    for trial, run_dir in zip(study.trials, trial_dirs(tmp_path)):
+        assert json.loads((run_dir / "run.json").read_text())["status"] == "pruned"
+        summary = json.loads((run_dir / "summary.json").read_text())
+        assert summary["pruned"] is True and summary["pruned_epoch"] == 2
+        assert logged_epochs(run_dir) == [1, 2]  # the third epoch never trained
+        assert sorted(trial.intermediate_values) == [1, 2]
+        assert trial.value == pytest.approx(summary["test/acc1"])
+    _, results = sweep_results(tmp_path)
+    assert results["pruned_trials"] == [0, 1]
+    assert "best_params" not in results  # no trial completed
+    assert "2 pruned [0, 1]" in proc.stdout + proc.stderr
+    # kdrun-report keeps pruned runs out of the tables and lists them apart
+    report = subprocess.run(
+        [sys.executable, "-m", "kdrun.report", str(tmp_path / "outputs" / "multiruns")],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert "status 'pruned'" in report.stdout + report.stderr
+
+
+def _interval(run_dir: Path) -> tuple[datetime, datetime]:
+    info = json.loads((run_dir / "run.json").read_text())
+    fmt = "%Y-%m-%dT%H:%M:%S%z"
+    return datetime.strptime(info["started"], fmt), datetime.strptime(info["ended"], fmt)
+
+
+def test_two_trials_at_once_share_the_study_file(tmp_path):
+    # launcher=local: submitit's local executor starts both trials of a batch as processes
+    args = [
+        *BASE,
+        "launcher=local",
+        "trainer.epochs=3",
+        "hydra.sweeper.n_trials=2",
+        "hydra.sweeper.n_jobs=2",
+    ]
+    run_kdrun(args, tmp_path, env={"OMP_NUM_THREADS": "1"})
+    study = load_study(tmp_path)
+    assert [t.state for t in study.trials] == [TrialState.COMPLETE] * 2
+    dirs = trial_dirs(tmp_path)
+    assert len(dirs) == 2
+    for trial in study.trials:
+        assert sorted(trial.intermediate_values) == [1, 2, 3]
+    (a_start, a_end), (b_start, b_end) = (_interval(d) for d in dirs)
+    assert a_start <= b_end and b_start <= a_end  # the two processes ran at the same time
