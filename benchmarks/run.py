@@ -46,7 +46,7 @@ from kdrun.console import SilentConsole  # noqa: E402
 from kdrun.data.datasets import build_datasets  # noqa: E402
 from kdrun.data.spec import Datasets  # noqa: E402
 from kdrun.engine import resolve_amp  # noqa: E402
-from kdrun.loggers import MultiLogger  # noqa: E402
+from kdrun.loggers.base import MultiLogger  # noqa: E402
 from kdrun.metrics import classification_metrics  # noqa: E402
 from kdrun.stages import RunContext, StageRunner  # noqa: E402
 

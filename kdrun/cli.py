@@ -111,7 +111,9 @@ def load_resume_state(cfg: DictConfig, run_dir: Path) -> dict | None:
 def build_logger(
     cfg: DictConfig, run_dir: Path, is_main: bool, group: str | None, resumed_step: int | None
 ):
-    from kdrun.loggers import JsonlLogger, MultiLogger, WandbLogger
+    from kdrun.loggers.base import MultiLogger
+    from kdrun.loggers.jsonl import JsonlLogger
+    from kdrun.loggers.wandb import WandbLogger
 
     if not is_main:
         return MultiLogger([])

@@ -38,7 +38,7 @@ from kdrun.data.loaders import build_train_loader, eval_batches
 from kdrun.data.samplers import BatchSampler
 from kdrun.data.spec import Datasets
 from kdrun.errors import ConfigError, NonFiniteLossError
-from kdrun.loggers import Logger
+from kdrun.loggers.base import Logger
 from kdrun.methods.base import Batch, Method, StepOutput
 from kdrun.metrics import classification_metrics
 from kdrun.schedules import Schedule

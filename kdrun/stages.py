@@ -43,7 +43,7 @@ from kdrun.console import Console
 from kdrun.data.spec import Datasets
 from kdrun.engine import HardwareSettings, Trainer, TrainerSettings
 from kdrun.errors import CheckpointError
-from kdrun.loggers import Logger
+from kdrun.loggers.base import Logger
 from kdrun.methods.base import Method
 
 log = logging.getLogger("kdrun")
@@ -283,7 +283,7 @@ def _read_stage_record(stage_dir: Path) -> dict[str, Any]:
 
 
 def _write_stage_record(stage_dir: Path, record: dict[str, Any]) -> None:
-    from kdrun.loggers import atomic_write_json
+    from kdrun.atomic import atomic_write_json
 
     stage_dir.mkdir(parents=True, exist_ok=True)
     atomic_write_json(stage_dir / "stage.json", record)

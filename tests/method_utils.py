@@ -16,7 +16,7 @@ from kdrun.console import SilentConsole
 from kdrun.data.datasets import build_datasets
 from kdrun.data.loaders import DeviceTrainLoader
 from kdrun.data.samplers import BatchSampler
-from kdrun.loggers import JsonlLogger
+from kdrun.loggers.jsonl import JsonlLogger
 from kdrun.methods.base import Batch
 from kdrun.stages import RunContext, StageRunner
 

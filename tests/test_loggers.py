@@ -1,4 +1,4 @@
-"""Tests for kdrun.loggers: real offline W&B runs read back from their ``.wandb`` files.
+"""Tests for kdrun.loggers (JSONL, W&B, fan-out): real offline W&B runs read back from their ``.wandb`` files.
 
 Nothing here mocks wandb away: every W&B test starts a real (offline) run in ``tmp_path`` and
 reads the transaction log with ``tests/wandb_reader.py``. Fault-injection tests make
@@ -27,7 +27,9 @@ wandb = pytest.importorskip("wandb")
 sys.path.insert(0, str(Path(__file__).parent))
 import wandb_reader as wr  # noqa: E402
 
-from kdrun import loggers as L  # noqa: E402
+from kdrun.loggers.base import Logger, MultiLogger  # noqa: E402
+from kdrun.loggers.jsonl import JsonlLogger  # noqa: E402
+from kdrun.loggers.wandb import WandbLogger, resolve_wandb_mode  # noqa: E402
 from tests.dist_utils import free_port  # noqa: E402
 
 FAST = {"x_disable_stats": True, "x_save_requirements": False, "disable_git": True}
@@ -58,7 +60,7 @@ def kdrun_warnings(caplog) -> list[logging.LogRecord]:
     return [r for r in caplog.records if r.name == "kdrun" and r.levelno >= logging.WARNING]
 
 
-def make_logger(run_dir, **kw) -> L.WandbLogger:
+def make_logger(run_dir, **kw) -> WandbLogger:
     args = dict(
         project="kdrun-test",
         entity=None,
@@ -72,7 +74,7 @@ def make_logger(run_dir, **kw) -> L.WandbLogger:
         settings=FAST,
     )
     args.update(kw)
-    return L.WandbLogger(run_dir, **args)
+    return WandbLogger(run_dir, **args)
 
 
 def metric_rows(path) -> dict[int, dict]:
@@ -273,8 +275,8 @@ def test_init_failure_is_reported_once_and_training_continues(
     monkeypatch.setattr(wandb, "init", broken_init)
     run_dir = tmp_path / "run"
     wb = make_logger(run_dir)
-    local = L.JsonlLogger(run_dir)
-    both = L.MultiLogger([local, wb])
+    local = JsonlLogger(run_dir)
+    both = MultiLogger([local, wb])
     assert not wb.active
     for step in range(4):
         both.log_metrics({"epoch": step, "train/loss": 1.0}, step=step)
@@ -374,11 +376,11 @@ def assert_secret_absent(root: Path, secret: str) -> None:
 def test_api_key_never_written_to_run_dir(wb_env, tmp_path, monkeypatch, caplog):
     monkeypatch.setenv("WANDB_API_KEY", FAKE_KEY)
     run_dir = tmp_path / "run"
-    lg = L.MultiLogger(
+    lg = MultiLogger(
         [
-            L.JsonlLogger(run_dir),
+            JsonlLogger(run_dir),
             # default W&B settings (metadata, requirements, git) on purpose
-            L.WandbLogger(
+            WandbLogger(
                 run_dir,
                 project="kdrun-test",
                 tags=["digits"],
@@ -403,37 +405,46 @@ def test_api_key_never_written_to_run_dir(wb_env, tmp_path, monkeypatch, caplog)
 # ---------------------------------------------------------------------------------------------
 
 
-def test_mode_resolution(wb_env, tmp_path):
-    base = {"HOME": str(wb_env), "NETRC": str(wb_env / ".netrc")}
-    assert L.resolve_wandb_mode("auto", base) == "offline"
-    assert L.resolve_wandb_mode("online", base) == "offline"  # would prompt: never
-    assert L.resolve_wandb_mode("auto", {**base, "WANDB_API_KEY": FAKE_KEY}) == "online"
-    assert L.resolve_wandb_mode("offline", {**base, "WANDB_API_KEY": FAKE_KEY}) == "offline"
-    key_env = {**base, "WANDB_API_KEY": FAKE_KEY}
-    assert L.resolve_wandb_mode("auto", {**key_env, "WANDB_MODE": "offline"}) == "offline"
-    assert L.resolve_wandb_mode("auto", {**key_env, "WANDB_MODE": "dryrun"}) == "offline"
-    assert L.resolve_wandb_mode("auto", {**key_env, "WANDB_MODE": "disabled"}) == "disabled"
-    assert L.resolve_wandb_mode("auto", {**key_env, "WANDB_DISABLED": "true"}) == "disabled"
-    assert L.resolve_wandb_mode("online", {**key_env, "WANDB_MODE": "offline"}) == "online"
-    assert L.resolve_wandb_mode("disabled", key_env) == "disabled"
+def test_mode_resolution(wb_env, tmp_path, monkeypatch):
+    def mode(requested: str, **env: str) -> str:
+        """resolve_wandb_mode with ``env`` set, on a fresh wandb state (as for a new run)."""
+        with monkeypatch.context() as m:
+            for key, value in env.items():
+                m.setenv(key, value)
+            try:
+                return resolve_wandb_mode(requested)
+            finally:
+                wandb.teardown()
+
+    assert mode("auto") == "offline"
+    assert mode("online") == "offline"  # would prompt: never
+    assert mode("auto", WANDB_API_KEY=FAKE_KEY) == "online"
+    assert mode("offline", WANDB_API_KEY=FAKE_KEY) == "offline"
+    assert mode("auto", WANDB_API_KEY=FAKE_KEY, WANDB_MODE="offline") == "offline"
+    assert mode("auto", WANDB_API_KEY=FAKE_KEY, WANDB_MODE="dryrun") == "offline"
+    assert mode("auto", WANDB_API_KEY=FAKE_KEY, WANDB_MODE="disabled") == "disabled"
+    assert mode("auto", WANDB_API_KEY=FAKE_KEY, WANDB_DISABLED="true") == "disabled"
+    assert mode("online", WANDB_API_KEY=FAKE_KEY, WANDB_MODE="offline") == "online"
+    assert mode("disabled", WANDB_API_KEY=FAKE_KEY) == "disabled"
     with pytest.raises(ValueError, match="auto, online, offline, disabled"):
-        L.resolve_wandb_mode("sometimes", base)
+        mode("sometimes")
 
     netrc_file = wb_env / ".netrc"
     netrc_file.write_text(f"machine example.org\n  login user\n  password {FAKE_KEY}\n")
     netrc_file.chmod(0o600)
-    assert L.resolve_wandb_mode("auto", base) == "offline"  # entry for another host
-    assert L.resolve_wandb_mode("auto", {**base, "WANDB_BASE_URL": "https://example.org"}) == (
-        "online"
-    )
+    assert mode("auto") == "offline"  # entry for another host
+    assert mode("auto", WANDB_BASE_URL="https://example.org") == "online"
     netrc_file.write_text(f"machine api.wandb.ai\n  login user\n  password {FAKE_KEY}\n")
-    assert L.resolve_wandb_mode("auto", base) == "online"
-    assert L.resolve_wandb_mode("auto", {**base, "WANDB_MODE": "offline"}) == "offline"
+    assert mode("auto") == "online"
+    assert mode("auto", WANDB_MODE="offline") == "offline"
 
     # `wandb offline` writes mode=offline into the workspace settings file.
     (tmp_path / "wandb").mkdir()
     (tmp_path / "wandb" / "settings").write_text("[default]\nmode = offline\n")
-    assert L.resolve_wandb_mode("auto", {**base, "WANDB_DIR": str(tmp_path)}) == "offline"
+    assert mode("auto", WANDB_DIR=str(tmp_path)) == "offline"
+    assert mode("online", WANDB_DIR=str(tmp_path)) == "online"
+    # nothing was written: no netrc change, no settings file in the home dir
+    assert sorted(p.name for p in wb_env.iterdir() if not p.name.startswith("wandb-")) == [".netrc"]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -444,7 +455,7 @@ def test_mode_resolution(wb_env, tmp_path):
 def test_jsonl_logger_writes_valid_jsonl_and_appends_on_resume(tmp_path):
     np = pytest.importorskip("numpy")
     run_dir = tmp_path / "run"
-    lg = L.JsonlLogger(run_dir)
+    lg = JsonlLogger(run_dir)
     lg.log_metrics({"epoch": 0, "train/loss": 1.25, "test/acc1": np.float32(0.5)}, step=0)
     lg.log_metrics({"epoch": np.int64(1), "train/loss": float("nan"), "x": math.inf}, step=1)
     # flushed after every line: readable before finish()
@@ -462,14 +473,14 @@ def test_jsonl_logger_writes_valid_jsonl_and_appends_on_resume(tmp_path):
     # resume: append, after repairing a torn last line (process killed mid-write)
     with open(run_dir / "metrics.jsonl", "a") as f:
         f.write('{"step": 2, "epoch": 2, "train/lo')
-    lg2 = L.JsonlLogger(run_dir)
+    lg2 = JsonlLogger(run_dir)
     lg2.log_metrics({"epoch": 2, "train/loss": 0.75}, step=2)
     lg2.finish()
     steps = [json.loads(x)["step"] for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert steps == [0, 1, 2]
 
     # resume from a checkpoint taken at step 1: later events are dropped, then re-logged
-    lg3 = L.JsonlLogger(run_dir, drop_after_step=1)
+    lg3 = JsonlLogger(run_dir, drop_after_step=1)
     lg3.log_metrics({"epoch": 2, "train/loss": 0.5}, step=2)
     lg3.finish()
     rows = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
@@ -478,7 +489,7 @@ def test_jsonl_logger_writes_valid_jsonl_and_appends_on_resume(tmp_path):
 
 def test_summary_json_is_atomic(tmp_path, monkeypatch):
     run_dir = tmp_path / "run"
-    lg = L.JsonlLogger(run_dir)
+    lg = JsonlLogger(run_dir)
     lg.log_summary({"method": "ce", "test/acc1": 0.9, "test/ece": float("nan"), "n": {"a": [1]}})
     path = run_dir / "summary.json"
     assert json.loads(path.read_text()) == {
@@ -497,7 +508,7 @@ def test_summary_json_is_atomic(tmp_path, monkeypatch):
     def broken_replace(src, dst):
         raise OSError("injected rename failure")
 
-    monkeypatch.setattr(L.os, "replace", broken_replace)
+    monkeypatch.setattr(os, "replace", broken_replace)
     with pytest.raises(OSError):
         lg.log_summary({"method": "ce", "test/acc1": 0.1})
     monkeypatch.undo()
@@ -527,9 +538,9 @@ def test_multilogger_finishes_every_logger(tmp_path):
             raise RuntimeError("boom")
 
     boom = Boom()
-    local = L.JsonlLogger(tmp_path)
-    assert isinstance(local, L.Logger) and isinstance(boom, L.Logger)
-    multi = L.MultiLogger([boom, local])
+    local = JsonlLogger(tmp_path)
+    assert isinstance(local, Logger) and isinstance(boom, Logger)
+    multi = MultiLogger([boom, local])
     multi.log_metrics({"m": 1}, step=0)
     with pytest.raises(RuntimeError, match="boom"):
         multi.finish(exit_code=2)

@@ -1,38 +1,18 @@
-"""Logging backends: local JSONL/JSON files and Weights & Biases. The only module importing wandb.
+"""Weights & Biases backend: a W&B run in the run dir. The only module that imports wandb.
 
 Contract
 --------
-Every backend implements :class:`Logger`::
+:class:`WandbLogger` implements :class:`~kdrun.loggers.base.Logger`:
 
-    log_metrics(metrics, step)            one event: {"epoch": ..., "train/loss": ..., ...}
-    log_image(key, path, step, caption)   an image file (e.g. the reliability diagram)
-    log_summary(summary)                  final results
-    finish(exit_code=0)                   idempotent; safe to call twice
-
-:class:`JsonlLogger` (the local source of truth)
-    * ``<run_dir>/metrics.jsonl``: one JSON object per :meth:`log_metrics` call,
-      ``{"step": step, **metrics}`` with the metric keys exactly as given. The file is opened in
-      append mode (a resumed run continues it), line-buffered and flushed after every line.
-      ``metrics`` must not contain a ``"step"`` key (``ValueError``).
-      On open, an incomplete last line (a run killed mid-write) is cut off so the file stays valid
-      JSONL; ``drop_after_step=N`` additionally drops events with ``step > N`` (for a run resumed
-      from a checkpoint taken at step N, so no event is duplicated).
-    * ``<run_dir>/summary.json``: written atomically (temp file in the run dir + ``os.replace``)
-      on every :meth:`log_summary` call with exactly the given dict (no merging with an existing
-      file: the caller passes the complete summary).
-    * Output is strict JSON: NaN and +-inf are written as ``null``; numpy/torch scalars become
-      Python numbers; nested mappings/sequences are converted recursively.
-    * :meth:`log_image` is a no-op (the image already lives in the run dir).
-
-:class:`WandbLogger`
     * ``mode='auto'`` (default): ``disabled`` if ``WANDB_MODE=disabled`` (or ``WANDB_DISABLED`` is
-      true); ``offline`` if ``WANDB_MODE`` is ``offline``/``dryrun`` or a W&B settings file says
-      ``mode = offline`` (``wandb offline``); otherwise ``online`` only if credentials exist
-      (``WANDB_API_KEY`` / ``WANDB_IDENTITY_TOKEN_FILE``, or a netrc entry for the W&B host, found
-      exactly where wandb looks: ``$NETRC``, ``~/.netrc``, ``~/_netrc``), else ``offline``.
+      true); ``offline`` if ``WANDB_MODE`` is ``offline``/``dryrun``; otherwise ``online`` only if
+      wandb's own non-prompting lookup, ``wandb.login(prompt=False, verify=False)``, finds
+      credentials (``WANDB_API_KEY``, ``WANDB_IDENTITY_TOKEN_FILE``, a settings file's
+      ``api_key`` or a netrc entry for the configured host) and no W&B settings file says
+      ``mode = offline`` (``wandb offline``), else ``offline``.
       ``'online'``, ``'offline'``, ``'disabled'`` force a mode; ``'online'`` without credentials
-      falls back to offline (wandb would otherwise prompt). Credentials are only detected here,
-      never read into kdrun's config or logs.
+      falls back to offline (wandb would otherwise prompt). Credentials are only detected, never
+      read into kdrun's config or logs.
     * It never prompts and never captures the console (``console='off'``, ``silent=True``). An
       online ``wandb.init`` that fails (no network, bad key, server down; bounded by
       ``init_timeout``, default 30 s) falls back to an offline run with the same id.
@@ -72,254 +52,73 @@ Every backend implements :class:`Logger`::
       W&B history; ``metrics.jsonl`` has every event.
     * The API key never reaches the run dir: it is not put in config, summary or messages (strings
       equal to ``WANDB_API_KEY`` in config/summary/warnings are replaced by ``***``).
-
-:class:`MultiLogger` fans calls out to several loggers in order; ``finish`` reaches every logger
-even if one raises (the first exception is re-raised afterwards).
 """
 
 from __future__ import annotations
 
-import configparser
-import json
 import logging
-import math
-import netrc
-import numbers
 import os
 import re
 import secrets
-import tempfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any, Protocol, runtime_checkable
-from urllib.parse import urlsplit
+from typing import Any
+
+from kdrun.atomic import atomic_write_text
+from kdrun.errors import one_line
+from kdrun.loggers.base import FinishOnExit
+
+__all__ = ["ID_FILE", "MODES", "WandbLogger", "clean_tags", "new_run_id", "resolve_wandb_mode"]
 
 log = logging.getLogger("kdrun")
 
 MODES = ("auto", "online", "offline", "disabled")
 ID_FILE = "wandb_id.txt"
-DEFAULT_WANDB_HOSTS = ("api.wandb.ai", "api.forge.coreweave.com")
 _TRUE = {"1", "true", "yes", "on"}
 
 
-@runtime_checkable
-class Logger(Protocol):
-    def log_metrics(self, metrics: Mapping[str, float], step: int) -> None: ...
-
-    def log_image(
-        self, key: str, path: str | Path, step: int, caption: str | None = None
-    ) -> None: ...
-
-    def log_summary(self, summary: Mapping[str, Any]) -> None: ...
-
-    def finish(self, exit_code: int = 0) -> None: ...
-
-
-# --------------------------------------------------------------------------------------------
-# JSON helpers
-# --------------------------------------------------------------------------------------------
-
-
-def to_jsonable(value: Any) -> Any:
-    """Convert ``value`` to plain JSON types; NaN/inf -> None; numpy/torch scalars -> numbers."""
-    if value is None or isinstance(value, (bool, str)):
-        return value
-    if isinstance(value, numbers.Integral):
-        return int(value)
-    if isinstance(value, numbers.Real):
-        f = float(value)
-        return f if math.isfinite(f) else None
-    if isinstance(value, Mapping):
-        return {str(k): to_jsonable(v) for k, v in value.items()}
-    if isinstance(value, Path):
-        return str(value)
-    if isinstance(value, (list, tuple)):
-        return [to_jsonable(v) for v in value]
-    tolist = getattr(value, "tolist", None)  # numpy / torch scalars and arrays
-    if callable(tolist):
-        return to_jsonable(tolist())
-    if isinstance(value, Sequence):
-        return [to_jsonable(v) for v in value]
-    raise TypeError(f"cannot write {type(value).__name__} value {value!r} as JSON")
-
-
-def atomic_write_json(path: str | Path, obj: Any) -> None:
-    """Write ``obj`` as JSON to ``path`` atomically (temp file in the same dir + os.replace)."""
-    path = Path(path)
-    text = json.dumps(to_jsonable(obj), indent=2, allow_nan=False) + "\n"
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
-
-
-# --------------------------------------------------------------------------------------------
-# Local files
-# --------------------------------------------------------------------------------------------
-
-
-class JsonlLogger:
-    """``metrics.jsonl`` (append, one object per event) and atomic ``summary.json``."""
-
-    def __init__(
-        self,
-        run_dir: str | Path,
-        metrics_file: str = "metrics.jsonl",
-        summary_file: str = "summary.json",
-        drop_after_step: int | None = None,
-    ) -> None:
-        self.run_dir = Path(run_dir)
-        self.run_dir.mkdir(parents=True, exist_ok=True)
-        self.metrics_path = self.run_dir / metrics_file
-        self.summary_path = self.run_dir / summary_file
-        self._fh: Any = None
-        self._repair(drop_after_step)
-
-    def _repair(self, drop_after_step: int | None) -> None:
-        """Cut an incomplete last line; optionally drop events after ``drop_after_step``."""
-        if not self.metrics_path.exists():
-            return
-        data = self.metrics_path.read_bytes()
-        if drop_after_step is None:
-            if data and not data.endswith(b"\n"):
-                with open(self.metrics_path, "r+b") as f:
-                    f.truncate(data.rfind(b"\n") + 1)
-            return
-        kept = []
-        for line in data.split(b"\n"):
-            try:
-                obj = json.loads(line)
-            except ValueError:
-                continue  # empty or torn line
-            if isinstance(obj, dict) and obj.get("step", -math.inf) <= drop_after_step:
-                kept.append(line + b"\n")
-        tmp = self.metrics_path.with_name(f".{self.metrics_path.name}.tmp")
-        tmp.write_bytes(b"".join(kept))
-        os.replace(tmp, self.metrics_path)
-
-    def log_metrics(self, metrics: Mapping[str, float], step: int) -> None:
-        if "step" in metrics:
-            raise ValueError("metrics must not contain a 'step' key; pass it as `step`")
-        record = {"step": int(step), **{str(k): to_jsonable(v) for k, v in metrics.items()}}
-        line = json.dumps(record, allow_nan=False)
-        if self._fh is None:
-            self._fh = open(self.metrics_path, "a", buffering=1, encoding="utf-8")  # noqa: SIM115
-        self._fh.write(line + "\n")
-        self._fh.flush()
-
-    def log_image(self, key: str, path: str | Path, step: int, caption: str | None = None) -> None:
-        """No-op: the image file already lives in the run dir."""
-
-    def log_summary(self, summary: Mapping[str, Any]) -> None:
-        atomic_write_json(self.summary_path, dict(summary))
-
-    def finish(self, exit_code: int = 0) -> None:
-        fh, self._fh = self._fh, None
-        if fh is not None:
-            fh.close()
-
-
-# --------------------------------------------------------------------------------------------
-# W&B mode and credential detection (no wandb import, nothing that could prompt)
-# --------------------------------------------------------------------------------------------
-
-
-def _read_ini(path: Path) -> dict[str, str]:
-    parser = configparser.ConfigParser()
-    try:
-        parser.read(path, encoding="utf-8")
-    except (configparser.Error, OSError, UnicodeDecodeError):
-        return {}
-    return dict(parser["default"]) if parser.has_section("default") else {}
-
-
-def wandb_file_settings(environ: Mapping[str, str] | None = None) -> dict[str, str]:
-    """The ``[default]`` section of W&B's global settings file, overridden by the workspace
-    file (``$WANDB_DIR`` or cwd ``/wandb/settings``) -- where ``wandb login --host`` and
-    ``wandb offline`` store ``base_url`` and ``mode``."""
-    env = os.environ if environ is None else environ
-    config_dir = env.get("WANDB_CONFIG_DIR")
-    global_file = (
-        Path(config_dir).expanduser() / "settings"
-        if config_dir
-        else Path("~/.config/wandb/settings").expanduser()
-    )
-    root = Path(env.get("WANDB_DIR") or os.getcwd()).expanduser()
-    settings = _read_ini(global_file)
-    settings.update(_read_ini(root / "wandb" / "settings"))
-    return settings
-
-
-def _netrc_path(env: Mapping[str, str]) -> Path:
-    # Same lookup order as wandb 0.31 (wandb.sdk.lib.wbauth.wbnetrc._get_netrc_file_path).
-    if env.get("NETRC"):
-        return Path(env["NETRC"]).expanduser()
-    for name in ("~/.netrc", "~/_netrc"):
-        path = Path(name).expanduser()
-        if path.exists():
-            return path
-    return Path("~/.netrc").expanduser()
-
-
-def has_wandb_credentials(environ: Mapping[str, str] | None = None) -> bool:
-    """True if wandb would find credentials without prompting: ``WANDB_API_KEY`` or
-    ``WANDB_IDENTITY_TOKEN_FILE``, or a netrc entry (with a password) for the W&B host
-    (``WANDB_BASE_URL``, else the settings file's ``base_url``, else the default hosts)."""
-    env = os.environ if environ is None else environ
-    if env.get("WANDB_API_KEY", "").strip() or env.get("WANDB_IDENTITY_TOKEN_FILE", "").strip():
-        return True
-    base_url = env.get("WANDB_BASE_URL") or wandb_file_settings(env).get("base_url")
-    hosts: tuple[str, ...] = DEFAULT_WANDB_HOSTS
-    if base_url:
-        netloc = urlsplit(base_url.strip()).netloc
-        hosts = (netloc,) if netloc else ()
-        if netloc in DEFAULT_WANDB_HOSTS or netloc in ("forge.coreweave.com",):
-            hosts = (netloc, *DEFAULT_WANDB_HOSTS)
-    try:
-        entries = netrc.netrc(str(_netrc_path(env)))
-    except (FileNotFoundError, netrc.NetrcParseError, OSError):
-        return False
-    for host in hosts:
-        creds = entries.authenticators(host)
-        if creds and creds[2]:
-            return True
-    return False
-
-
-def resolve_wandb_mode(mode: str = "auto", environ: Mapping[str, str] | None = None) -> str:
-    """Map ``auto``/``online``/``offline``/``disabled`` to the mode to run W&B in (see module doc)."""
-    env = os.environ if environ is None else environ
+def _check_mode(mode: str) -> str:
     mode = str(mode).strip().lower()
     if mode not in MODES:
         raise ValueError(f"logger mode must be one of {', '.join(MODES)}; got {mode!r}")
+    return mode
+
+
+def _has_credentials(force_online: bool) -> bool:
+    """wandb's own credential lookup, without prompting and without contacting the server.
+
+    ``wandb.setup`` (silent; ``mode='online'`` when forced, so ``WANDB_MODE`` / settings-file
+    offline modes do not hide the credentials) prepares the process-wide W&B state that the
+    following ``wandb.init`` reuses; ``wandb.login(prompt=False)`` is False in offline mode.
+    """
+    try:
+        import wandb
+
+        if wandb.run is not None:  # login has no effect while a run is live
+            wandb.finish()
+        overrides: dict[str, Any] = {"mode": "online"} if force_online else {}
+        wandb.setup(settings=wandb.Settings(silent=True, **overrides))
+        return bool(wandb.login(prompt=False, verify=False))
+    except ImportError:
+        return False
+    except Exception as exc:  # malformed credentials, unreadable settings files
+        log.warning("W&B: credential check failed (%s); logging offline", one_line(exc))
+        return False
+
+
+def resolve_wandb_mode(mode: str = "auto") -> str:
+    """Map ``auto``/``online``/``offline``/``disabled`` to the mode to run W&B in (see module doc)."""
+    mode = _check_mode(mode)
     if mode in ("offline", "disabled"):
         return mode
     if mode == "auto":
-        env_mode = env.get("WANDB_MODE", "").strip().lower()
-        if env_mode == "disabled" or env.get("WANDB_DISABLED", "").strip().lower() in _TRUE:
+        env_mode = os.environ.get("WANDB_MODE", "").strip().lower()
+        if env_mode == "disabled" or os.environ.get("WANDB_DISABLED", "").strip().lower() in _TRUE:
             return "disabled"
         if env_mode in ("offline", "dryrun"):
             return "offline"
-        if not env_mode and wandb_file_settings(env).get("mode", "").strip() in (
-            "offline",
-            "dryrun",
-        ):
-            return "offline"
-    return "online" if has_wandb_credentials(env) else "offline"
+    return "online" if _has_credentials(force_online=mode == "online") else "offline"
 
-
-# --------------------------------------------------------------------------------------------
-# W&B
-# --------------------------------------------------------------------------------------------
 
 _VALID_ID = re.compile(r"^[A-Za-z0-9_.\-]{1,64}$")
 
@@ -360,14 +159,7 @@ def _redact(obj: Any, hidden: Sequence[str]) -> Any:
     return obj
 
 
-def _one_line(exc: BaseException) -> str:
-    text = " ".join(str(exc).split())
-    if len(text) > 300:
-        text = text[:297] + "..."
-    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
-
-
-class WandbLogger:
+class WandbLogger(FinishOnExit):
     """A W&B run in ``<run_dir>/wandb``; see the module docstring for the contract."""
 
     def __init__(
@@ -437,11 +229,11 @@ class WandbLogger:
                 self._wandb.teardown()
                 self._run = self._init("offline", init_kwargs, init_timeout, settings)
             except (Exception, SystemExit) as exc2:
-                self._fail(f"online init failed ({_one_line(exc)}), offline init failed", exc2)
+                self._fail(f"online init failed ({one_line(exc)}), offline init failed", exc2)
                 return
             self.mode = "offline"
             self._warn(
-                f"W&B online init failed ({_one_line(exc)}); logging offline to "
+                f"W&B online init failed ({one_line(exc)}); logging offline to "
                 f"{self.run_dir / 'wandb'} instead (upload later with `wandb sync`)"
             )
         self._define_axis(x_axis)
@@ -464,9 +256,7 @@ class WandbLogger:
                 return run_id, True
             log.warning("W&B: ignoring invalid run id %r in %s", run_id[:80], id_path)
         run_id = new_run_id()
-        tmp = id_path.with_name(f".{ID_FILE}.tmp")
-        tmp.write_text(run_id + "\n", encoding="utf-8")
-        os.replace(tmp, id_path)
+        atomic_write_text(id_path, run_id + "\n")
         return run_id, False
 
     def _init(
@@ -516,7 +306,7 @@ class WandbLogger:
         """Report the first failure once, then become a no-op (the run is still finished)."""
         self._disabled = True
         self._warn(
-            f"W&B {what}: {_one_line(exc)}; W&B logging disabled for this run "
+            f"W&B {what}: {one_line(exc)}; W&B logging disabled for this run "
             "(local files are unaffected)"
         )
 
@@ -584,12 +374,6 @@ class WandbLogger:
                 self.run_dir / "wandb",
             )
 
-    def __enter__(self) -> WandbLogger:
-        return self
-
-    def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
-        self.finish(exit_code=0 if exc_type is None else 1)
-
 
 def _plain(value: Any) -> Any:
     """numpy/torch scalars -> Python numbers (W&B accepts NaN/inf, so they are kept)."""
@@ -604,43 +388,3 @@ def _plain(value: Any) -> Any:
         except (ValueError, RuntimeError):
             return value
     return value
-
-
-# --------------------------------------------------------------------------------------------
-# Fan-out
-# --------------------------------------------------------------------------------------------
-
-
-class MultiLogger:
-    """Calls every logger in order."""
-
-    def __init__(self, loggers: Sequence[Logger]) -> None:
-        self.loggers = list(loggers)
-
-    def log_metrics(self, metrics: Mapping[str, float], step: int) -> None:
-        for lg in self.loggers:
-            lg.log_metrics(metrics, step)
-
-    def log_image(self, key: str, path: str | Path, step: int, caption: str | None = None) -> None:
-        for lg in self.loggers:
-            lg.log_image(key, path, step, caption)
-
-    def log_summary(self, summary: Mapping[str, Any]) -> None:
-        for lg in self.loggers:
-            lg.log_summary(summary)
-
-    def finish(self, exit_code: int = 0) -> None:
-        first: BaseException | None = None
-        for lg in self.loggers:
-            try:
-                lg.finish(exit_code)
-            except BaseException as exc:  # finish the others first, then re-raise
-                first = first or exc
-        if first is not None:
-            raise first
-
-    def __enter__(self) -> MultiLogger:
-        return self
-
-    def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
-        self.finish(exit_code=0 if exc_type is None else 1)
