@@ -27,27 +27,15 @@ imported pyplot would close the caller's figures).
 
 from __future__ import annotations
 
-import json
 import os
 import sys
-from pathlib import Path
 
 from torch import Tensor
 
+from kdrun.atomic import atomic_write, atomic_write_json
 from kdrun.metrics import confidence_and_correct, reliability_bins
 
 __all__ = ["save_calibration_panel", "save_reliability_diagram"]
-
-
-def _atomic_write(path: Path, write) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
 
 
 def save_reliability_diagram(
@@ -168,9 +156,8 @@ def save_reliability_diagram(
     hx.grid(True, axis="y", color="0.9", lw=0.6, zorder=0)
     hx.legend(loc="best", fontsize=8, framealpha=0.9)
 
-    _atomic_write(Path(png_path), lambda p: fig.savefig(p, format="png"))
-    text = json.dumps(data, indent=2) + "\n"
-    _atomic_write(Path(json_path), lambda p: p.write_text(text))
+    atomic_write(png_path, lambda p: fig.savefig(p, format="png"))
+    atomic_write_json(json_path, data)
     return data
 
 
@@ -226,4 +213,4 @@ def save_calibration_panel(curves: list[dict], png_path: str | os.PathLike, titl
     hx.set_xlabel("Confidence (max softmax probability); top: mean confidence of each bin")
     hx.set_ylabel("% of samples")
     hx.grid(True, color="0.9", lw=0.6)
-    _atomic_write(Path(png_path), lambda p: fig.savefig(p, format="png"))
+    atomic_write(png_path, lambda p: fig.savefig(p, format="png"))

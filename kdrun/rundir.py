@@ -35,6 +35,8 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
+from kdrun.atomic import atomic_write_json
+
 IGNORED_KEYS = ("paths", "resume", "logger", "launcher", "tags", "name")
 IGNORED_NESTED = (("hardware", "num_workers"), ("trainer", "log_every"))
 #: (outer, inner, value): keys introduced later, hashed only when they differ from the value
@@ -111,10 +113,7 @@ def read_run_info(run_dir: Path) -> dict[str, Any]:
 
 
 def write_run_info(run_dir: Path, info: dict[str, Any]) -> None:
-    path = Path(run_dir) / "run.json"
-    tmp = path.with_name(f".run.json.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(info, indent=2, sort_keys=True, default=str))
-    os.replace(tmp, path)
+    atomic_write_json(Path(run_dir) / "run.json", info, sort_keys=True, default=str)
 
 
 def new_run_info(fp: str) -> dict[str, Any]:

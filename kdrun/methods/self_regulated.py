@@ -818,11 +818,9 @@ class HybridStudent(_Student):
 def save_significance_hist(data: dict[str, Any], png_path: Path, json_path: Path) -> None:
     """Bar chart of the number of training samples per significance value ``s = 0..E_T`` (PNG)
     and its data (JSON), each written to a temporary name and renamed into place."""
-    import json
+    from kdrun.atomic import atomic_write, atomic_write_json
 
-    from kdrun.plots import _atomic_write
-
-    _atomic_write(Path(json_path), lambda p: p.write_text(json.dumps(data, indent=1)))
+    atomic_write_json(json_path, data, indent=1)
 
     import matplotlib
 
@@ -848,4 +846,4 @@ def save_significance_hist(data: dict[str, Any], png_path: Path, json_path: Path
     ax.title.set_fontsize(9)
     if len(values) <= 30:
         ax.set_xticks(values)
-    _atomic_write(Path(png_path), lambda p: fig.savefig(p, format="png"))
+    atomic_write(png_path, lambda p: fig.savefig(p, format="png"))

@@ -17,9 +17,7 @@ and prints rich tables (one per eps, and a summary). Also runs as ``python -m kd
 
 from __future__ import annotations
 
-import json
 import math
-import os
 import sys
 import time
 from dataclasses import dataclass
@@ -30,6 +28,8 @@ from typing import Any
 import hydra
 import numpy as np
 from omegaconf import DictConfig, ListConfig, OmegaConf
+
+from kdrun.atomic import atomic_write_json
 
 from .hilbert import (
     KERNELS,
@@ -139,9 +139,7 @@ def run_experiment(opts: Options, run_dir: str | Path) -> tuple[dict[str, Any], 
         "eigenvalues": [float(v) for v in model.d],
         "runs": [r.to_dict() for r in runs],
     }
-    tmp = run_dir / "hilbert.json.tmp"
-    tmp.write_text(json.dumps(result, indent=1) + "\n")
-    os.replace(tmp, run_dir / "hilbert.json")
+    atomic_write_json(run_dir / "hilbert.json", result, indent=1)
     if opts.plots:
         from .plots import plot_all
 
