@@ -1,35 +1,63 @@
 # kdrun — common tasks. `make help` lists them.
+#
+# Where kdrun is installed: inside an active virtual or conda environment ($VIRTUAL_ENV or
+# $CONDA_PREFIX set), into that environment with $(PYTHON); otherwise into a project-local .venv
+# made with $(PYTHON) -m venv (a stock Debian/Ubuntu Python is "externally managed", PEP 668, and
+# refuses installs into itself). `make demo PYTHON=/usr/bin/python3` picks the interpreter.
 PYTHON ?= python3
-PIP ?= $(PYTHON) -m pip
 PYTEST_ARGS ?=
+BENCH_ARGS ?=
+ACTIVE_ENV := $(or $(VIRTUAL_ENV),$(CONDA_PREFIX))
 
-.PHONY: help install demo test test-all lint format bench clean
+ifeq ($(ACTIVE_ENV),)
+VENV := .venv
+PY := $(VENV)/bin/python
+else
+VENV :=
+PY := $(PYTHON)
+endif
+
+.PHONY: help install demo test test-all lint format bench gpu-check clean env
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*## "}; {printf "  %-10s %s\n", $$1, $$2}'
 
-install:  ## install kdrun and its test tools (editable)
-	$(PIP) install -e ".[dev]"
+env:  ## make the .venv when no environment is active (install, demo and test do it first)
+ifeq ($(ACTIVE_ENV),)
+	@echo "make: no active virtual or conda environment: installing into the project's .venv"
+	@if [ ! -x $(PY) ]; then \
+	  $(PYTHON) -c 'import venv, ensurepip' 2>/dev/null || { echo "make: $(PYTHON) cannot create a virtual environment (no venv/ensurepip module): install it with 'sudo apt-get install python3-venv' (Debian/Ubuntu), or activate an environment of your own"; exit 1; }; \
+	  $(PYTHON) -m venv $(VENV) || exit 1; \
+	fi
+else
+	@echo "make: installing into the active environment $(ACTIVE_ENV)"
+endif
+
+install: env  ## install kdrun and its test tools (editable)
+	$(PY) -m pip install -e ".[dev]"
 
 demo: install  ## install, then train the embedded default (digits, small_cnn) on this machine
-	kdrun
+	$(PY) -m kdrun
 
 test: install  ## install, then run the test suite (skips slow/gpu/slurm-only tests that cannot run)
-	$(PYTHON) -m pytest -q $(PYTEST_ARGS)
+	$(PY) -m pytest -q $(PYTEST_ARGS)
 
 test-all: install  ## include tests marked slow
-	$(PYTHON) -m pytest -q --runslow $(PYTEST_ARGS)
+	$(PY) -m pytest -q --runslow $(PYTEST_ARGS)
 
 lint:  ## ruff lint + format check
-	ruff check kdrun tests scripts benchmarks hydra_plugins
-	ruff format --check kdrun tests scripts benchmarks hydra_plugins
+	$(PY) -m ruff check kdrun tests scripts benchmarks hydra_plugins
+	$(PY) -m ruff format --check kdrun tests scripts benchmarks hydra_plugins
 
 format:  ## apply ruff formatting and safe fixes
-	ruff check --fix kdrun tests scripts benchmarks hydra_plugins
-	ruff format kdrun tests scripts benchmarks hydra_plugins
+	$(PY) -m ruff check --fix kdrun tests scripts benchmarks hydra_plugins
+	$(PY) -m ruff format kdrun tests scripts benchmarks hydra_plugins
 
-bench:  ## method overhead and metric benchmarks (ratios measured in one run)
-	$(PYTHON) benchmarks/run.py
+bench:  ## method overhead and metric benchmarks (ratios measured in one run; BENCH_ARGS=...)
+	$(PY) benchmarks/run.py $(BENCH_ARGS)
 
-clean:  ## remove run outputs and caches
-	rm -rf outputs/runs outputs/multiruns outputs/teachers .pytest_cache .ruff_cache
+gpu-check:  ## on a GPU machine: the GPU test tier and the throughput benchmark (scripts/gpu-check.sh)
+	scripts/gpu-check.sh
+
+clean:  ## remove run outputs and caches (keeps .venv)
+	rm -rf outputs/runs outputs/multiruns outputs/teachers outputs/optuna .pytest_cache .ruff_cache
