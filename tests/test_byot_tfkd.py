@@ -1,6 +1,6 @@
-"""TF-KD-reg and BYOT against direct transcriptions of METHODS.md §1: the virtual teacher, both
-losses written out literally, BYOT's exits on every backbone family, gradient flow and stop-
-gradients, the exported model, and CLI smoke runs."""
+"""TF-KD-reg and BYOT against direct transcriptions of their losses (docs/methods.md): the virtual
+teacher, both losses written out literally, BYOT's exits on every backbone family, gradient flow and
+stop-gradients, the exported model, and CLI smoke runs."""
 
 from __future__ import annotations
 
@@ -149,7 +149,7 @@ def test_byot_builds_one_exit_per_stage_but_the_last(name):
 
 
 def _byot_transcription(model, method, batch, alpha, T, beta):
-    """METHODS.md §1 written out, from a fresh forward of the same modules (train-mode BN uses
+    """The BYOT loss (docs/methods.md) written out, from a fresh forward of the same modules (train-mode BN uses
     batch statistics, so the outputs are identical)."""
     stage_outputs, f_final, p = model.forward_stages(batch.x)
     y = batch.y

@@ -26,7 +26,7 @@ TARGETS = torch.tensor([0] * 9 + [1] * 5 + [2] * 2 + [3] * 7 + [4] * 1 + [5] * 3
 N = TARGETS.shape[0]
 
 
-# ----- direct transcriptions of the formulas (METHODS.md §1) ----------------------------------
+# ----- direct transcriptions of the formulas (docs/methods.md) -------------------------------
 def ce_ref(z: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     logp = z.double().log_softmax(-1)
     return -logp[torch.arange(len(y)), y].mean()

@@ -1,4 +1,4 @@
-"""LSSKD (METHODS.md §4) against direct transcriptions: the rotated batch and its joint labels, the
+"""LSSKD (docs/methods.md) against direct transcriptions: the rotated batch and its joint labels, the
 auxiliary heads on every backbone family, gradient flow from every head, the exported backbone,
 every loss term with each switch on and off (bank reads: epoch-0 one-hot fallback and later
 mixing; bank writes), the checkpoint round trip, the memory calculator and a CLI smoke run."""
@@ -147,9 +147,9 @@ def test_eval_model_is_the_plain_backbone():
 
 # ------------------------------------------------------------------------------ loss
 def _transcription(model, method, x, y, idx, P, Q, alpha, knobs):
-    """METHODS.md §4 written out with explicit loops over samples, rotations and heads.
+    """The LSSKD loss (docs/methods.md) written out with explicit loops over samples, rotations and heads.
     ``P`` [N, C] and ``Q[l]`` [N, 4, 4C] are dense banks holding one-hot targets where unwritten;
-    they are updated in place after the loss, as the spec says."""
+    they are updated in place after the loss, as the method does."""
     B = x.shape[0]
     x4 = torch.stack([torch.rot90(x[i], j, dims=(1, 2)) for i in range(B) for j in range(4)])
     with torch.no_grad():

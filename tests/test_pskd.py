@@ -1,5 +1,5 @@
-"""PS-KD against a direct transcription of METHODS.md §2 over several epochs, including epoch 0's
-one-hot targets and a resume in the middle of an epoch."""
+"""PS-KD against a direct transcription of its update (docs/methods.md) over several epochs,
+including epoch 0's one-hot targets and a resume in the middle of an epoch."""
 
 from __future__ import annotations
 

@@ -1,5 +1,5 @@
 """Self-regulated distillation family (``kd``, ``significance``, ``regulated``, ``hybrid``;
-METHODS.md §3): the participation rule and both reductions against transcriptions, zero-participant
+docs/methods.md): the participation rule and both reductions against transcriptions, zero-participant
 steps, significance counts against an independent count, the weight normalisations, the s = 0
 filter in the sampler, the students' losses, the significance hand-off through the stage cache and
 ``teacher_ckpt``, and CLI runs (one per method, a multirun that trains the teacher once)."""

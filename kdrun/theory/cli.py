@@ -1,4 +1,4 @@
-"""``kdrun-hilbert``: the kernel self-distillation experiment of METHODS.md §5 as a Hydra app.
+"""``kdrun-hilbert``: the kernel self-distillation experiment (docs/theory.md) as a Hydra app.
 
 Contract: ``main()`` composes ``kdrun/theory/conf/hilbert.yaml`` (keys ``kernel``, ``width``,
 ``eps`` (list or scalar), ``max_rounds``, ``data``, ``n_test``, ``test_interval``, ``plots``),

@@ -1,6 +1,6 @@
 """Self-distillation in Hilbert space: the exact kernel model of Mobahi, Farajtabar & Bartlett (2020).
 
-Contract (METHODS.md §5):
+Contract (the model and its properties are described in docs/theory.md):
 
 * Training points ``x`` (shape ``[K]`` or ``[K, D]``) with scalar targets ``y_0`` (shape ``[K]``),
   a positive-definite kernel ``g`` (``rbf``: ``exp(-|x-x'|^2 / (2 w^2))``, ``laplace``:

@@ -1,4 +1,4 @@
-"""Plots of the Hilbert-space self-distillation experiment (METHODS.md §5).
+"""Plots of the Hilbert-space self-distillation experiment (docs/theory.md).
 
 Contract: ``plot_all(runs, out_dir)`` writes four PNGs into ``out_dir`` and returns their paths:
 
@@ -322,7 +322,7 @@ def plot_test_error(runs: list[HilbertRun], path: Path) -> Path:
 
 
 def plot_all(runs: list[HilbertRun], out_dir: str | Path) -> list[Path]:
-    """Write the four plots of METHODS.md §5 into ``out_dir`` (created) and return their paths."""
+    """Write the four plots (listed above) into ``out_dir`` (created) and return their paths."""
     if not runs:
         raise ValueError("no runs to plot")
     out = Path(out_dir)
