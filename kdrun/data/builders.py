@@ -235,21 +235,10 @@ def _build_tiny_imagenet(root: str, download: bool) -> Datasets:
     )
     if not _list_class_dirs(train_dir) or not os.path.isdir(val_dir):
         raise DatasetError(f"Tiny ImageNet not found: {layout}")
-    try:
-        train = ImageFolder(train_dir)
-        ann = os.path.join(val_dir, "val_annotations.txt")
-        if os.path.isfile(ann) and os.path.isdir(os.path.join(val_dir, "images")):
-            test = MappedImageFolder(val_dir, train.class_to_idx, annotations=ann)
-        else:
-            test = MappedImageFolder(val_dir, train.class_to_idx)
-    except (OSError, RuntimeError) as exc:
-        if isinstance(exc, DatasetError):
-            raise
-        raise DatasetError(
-            f"Tiny ImageNet in {base} is incomplete ({one_line(exc)}): {layout}"
-        ) from None
-    if len(test) == 0:
-        raise DatasetError(f"Tiny ImageNet validation set in {val_dir} is empty: {layout}")
+    ann = os.path.join(val_dir, "val_annotations.txt")
+    if not (os.path.isfile(ann) and os.path.isdir(os.path.join(val_dir, "images"))):
+        ann = None  # re-organised layout val/<wnid>/...
+    train, test = _open_folders("Tiny ImageNet", train_dir, val_dir, layout, annotations=ann)
     spec = DataSpec(
         "tiny_imagenet", len(train.classes), 3, 64, _TINY_MEAN, _TINY_STD, "crop_flip", 4
     )
@@ -271,21 +260,31 @@ def _build_imagenet(root: str, download: bool) -> Datasets:
     )
     if not _list_class_dirs(train_dir) or not _list_class_dirs(val_dir):
         raise DatasetError(f"ImageNet not found: {layout}")
-    try:
-        train = ImageFolder(train_dir)
-        test = MappedImageFolder(val_dir, train.class_to_idx)
-    except (OSError, RuntimeError) as exc:
-        if isinstance(exc, DatasetError):
-            raise
-        raise DatasetError(
-            f"ImageNet in {base} is incomplete ({one_line(exc)}): {layout}"
-        ) from None
-    if len(test) == 0:
-        raise DatasetError(f"ImageNet validation set in {val_dir} is empty: {layout}")
+    train, test = _open_folders("ImageNet", train_dir, val_dir, layout)
     spec = DataSpec(
         "imagenet", len(train.classes), 3, 224, _IMAGENET_MEAN, _IMAGENET_STD, "imagenet", 0
     )
     return _folder_datasets(spec, train, test)
+
+
+def _open_folders(
+    pretty: str, train_dir: str, val_dir: str, layout: str, annotations: str | None = None
+) -> tuple[ImageFolder, MappedImageFolder]:
+    """The training ImageFolder and the validation set labelled with its class map; unreadable or
+    empty folders raise a one-line :class:`DatasetError` ending with the expected ``layout``."""
+    try:
+        train = ImageFolder(train_dir)
+        test = MappedImageFolder(val_dir, train.class_to_idx, annotations=annotations)
+    except DatasetError:
+        raise
+    except (OSError, RuntimeError) as exc:
+        base = os.path.dirname(train_dir)
+        raise DatasetError(
+            f"{pretty} in {base} is incomplete ({one_line(exc)}): {layout}"
+        ) from None
+    if len(test) == 0:
+        raise DatasetError(f"{pretty} validation set in {val_dir} is empty: {layout}")
+    return train, test
 
 
 def _folder_datasets(spec: DataSpec, train: ImageFolder, test: ImageFolder) -> Datasets:
