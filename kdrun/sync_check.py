@@ -133,6 +133,8 @@ class HostSyncCounter:
     def __init__(self, device: torch.device | str = "cpu") -> None:
         self.device_type = torch.device(device).type
         self.region = "outside"
+        #: batches handed out by :meth:`label_steps` (so a check can tell it saw the steps)
+        self.steps_seen = 0
         self.syncs: list[HostSync] = []
         #: the CPU-only label checks of ``F.one_hot`` with ``num_classes`` (not host syncs on GPU)
         self.excused: list[HostSync] = []
@@ -223,6 +225,7 @@ class HostSyncCounter:
                 self.region = "outside"
                 return
             self.region = f"step {step}"
+            self.steps_seen += 1
             yield batch
             step += 1
 

@@ -29,6 +29,8 @@ that does sync, in the real engine and op by op.
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -37,6 +39,7 @@ import torch.nn.functional as F
 
 from kdrun.data.loaders import DeviceTrainLoader
 from kdrun.sync_check import HostSyncCounter
+from tests.dist_utils import free_port, gloo_group
 from tests.method_utils import build_method, tiny_context
 
 METHODS = sorted(
@@ -51,17 +54,24 @@ SHORT_STAGES = {
 }
 
 
-@pytest.fixture
-def counted_steps(monkeypatch):
+@contextlib.contextmanager
+def counting_train_steps() -> Iterator[HostSyncCounter]:
     """A running counter; every train loader's batches are labelled as its steps."""
     counter = HostSyncCounter("cpu")
     iter_from = DeviceTrainLoader.iter_from
-    monkeypatch.setattr(
-        DeviceTrainLoader,
-        "iter_from",
-        lambda loader, start=0: counter.label_steps(iter_from(loader, start)),
+    DeviceTrainLoader.iter_from = lambda loader, start=0: counter.label_steps(
+        iter_from(loader, start)
     )
-    with counter:
+    try:
+        with counter:
+            yield counter
+    finally:
+        DeviceTrainLoader.iter_from = iter_from
+
+
+@pytest.fixture
+def counted_steps():
+    with counting_train_steps() as counter:
         yield counter
 
 
@@ -69,9 +79,10 @@ def epoch_syncs(counter: HostSyncCounter, trainer, steps: int) -> list[str]:
     """The syncs of one real epoch of ``steps`` steps (event texts without the step number)."""
     trainer.loader.limit_batches = steps
     trainer.step_in_epoch = 0
-    first = len(counter.syncs)
+    first, seen = len(counter.syncs), counter.steps_seen
     trainer.train_one_epoch()
     assert trainer.step_in_epoch == steps, "the epoch is shorter than the check needs"
+    assert counter.steps_seen - seen == steps, "the train loader's steps were not labelled"
     trainer.epoch += 1
     return sorted(f"{s.region.split()[0]}: {s.op} at {s.where}" for s in counter.syncs[first:])
 
@@ -80,7 +91,16 @@ def fmt(syncs) -> str:
     return "\n".join(map(str, syncs)) or "none"
 
 
-def check_epochs(counter: HostSyncCounter, tmp_path, name: str, *overrides, amp: str = "off"):
+def check_epochs(
+    counter: HostSyncCounter,
+    tmp_path,
+    name: str,
+    *overrides: str,
+    amp: str = "off",
+    train_size: int = 96,
+    long_steps: int = 8,
+):
+    """Build ``name``'s trainer (and teacher stages) and train epochs of 2, 2, ``long_steps``."""
     cfg, ctx, runner = tiny_context(
         tmp_path,
         [
@@ -88,7 +108,7 @@ def check_epochs(counter: HostSyncCounter, tmp_path, name: str, *overrides, amp:
             "trainer.batch_size=8",
             "trainer.log_every=1000000",
             "trainer.epochs=4",
-            "dataset.options.train_size=96",
+            f"dataset.options.train_size={train_size}",
             *SHORT_STAGES.get(name, []),
             *overrides,
         ],
@@ -97,7 +117,7 @@ def check_epochs(counter: HostSyncCounter, tmp_path, name: str, *overrides, amp:
     method, model = build_method(cfg, ctx, runner)  # trains the teacher stages, if any
     trainer = ctx.make_trainer(model, method)
     epochs = []
-    for steps in (2, 2, 8):  # the first epoch's boundary may create state; its steps count
+    for steps in (2, 2, long_steps):  # the first epoch's boundary may create state; its steps count
         epochs.append(epoch_syncs(counter, trainer, steps))
         in_steps = counter.in_steps()
         assert not in_steps, f"{name}: host syncs in training steps:\n{counter.summary(in_steps)}"
@@ -132,6 +152,26 @@ def test_training_step_has_no_host_sync(name, tmp_path, counted_steps):
 )
 def test_amp_and_clipping_steps_have_no_host_sync(name, overrides, amp, tmp_path, counted_steps):
     check_epochs(counted_steps, tmp_path, name, *overrides, amp=amp)
+
+
+def _ddp_worker(rank: int, port: int, root: str) -> None:
+    with gloo_group(rank, 2, port), counting_train_steps() as counter:
+        for name in DDP_METHODS:
+            # 99 samples, batch 8: the 13th (last) global batch of 3 splits 2/1 over the ranks
+            check_epochs(counter, Path(root, name, str(rank)), name, train_size=99, long_steps=13)
+
+
+#: a per-sample bank gathered over the ranks (ps_kd), the empty-step guard's all-reduce and the
+#: self-regulated teacher (regulated)
+DDP_METHODS = ("ps_kd", "regulated")
+
+
+@pytest.mark.slow
+def test_ddp_training_step_has_no_host_sync(tmp_path):
+    """Two gloo ranks, an uneven last batch: the steps still read nothing on the host."""
+    import torch.multiprocessing as mp
+
+    mp.spawn(_ddp_worker, args=(free_port(), str(tmp_path)), nprocs=2, join=True)
 
 
 def test_check_detects_a_syncing_method_step(tmp_path, counted_steps, monkeypatch):
@@ -224,3 +264,13 @@ def test_loader_work_is_labelled_apart_from_the_step():
         seen = list(counter.label_steps(batches()))
         seen[-1].sum().item()  # after the epoch: region "outside"
     assert [s.region for s in counter.syncs] == ["loader", "loader", "outside"]
+
+
+def test_a_gpu_run_watches_only_device_tensors():
+    """With ``HostSyncCounter("cuda")`` a CPU tensor is host data: reading it waits for
+    nothing, and ``tolist``/``cpu`` are left to the dispatcher (a device copy shows there)."""
+    with HostSyncCounter("cuda") as counter:
+        torch.arange(4).sum().item()
+        torch.arange(4).tolist()
+        torch.arange(4)[torch.arange(4) > 1]
+    assert not counter.syncs, counter.summary()
