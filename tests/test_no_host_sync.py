@@ -21,7 +21,8 @@ one (forward, loss, backward, optimizer and scheduler step, meter updates) is re
 * the syncs of a whole epoch do not depend on its length: epochs of 2 and 8 steps (with
   ``trainer.log_every`` out of reach) record the same events — only the end-of-epoch read.
 
-The same check runs with gradient clipping and bf16 autocast. With ``hardware.amp=fp16`` the
+The same check runs with gradient clipping, bf16 autocast and method options that take other
+branches of the step. With ``hardware.amp=fp16`` the
 step is known to sync: ``torch.amp.GradScaler.step`` reads its found-inf flag on the host
 (a strict xfail that names it). ``test_check_detects_*`` show that the check fails on a step
 that does sync, in the real engine and op by op.
@@ -136,6 +137,13 @@ def test_training_step_has_no_host_sync(name, tmp_path, counted_steps):
         ("ce", ["trainer.grad_clip=1.0"], "off"),
         ("ce", [], "bf16"),
         ("ps_kd", [], "bf16"),
+        ("lsskd", ["method.soften_aux=false", "method.head=bottleneck"], "off"),
+        ("tf_kd_reg", ["method.variant=reference_code"], "off"),
+        (
+            "regulated",
+            ["method.reduction=participants", "method.teacher_reduction=participants"],
+            "off",
+        ),
         pytest.param(
             "ce",
             [],
@@ -148,9 +156,17 @@ def test_training_step_has_no_host_sync(name, tmp_path, counted_steps):
             ),
         ),
     ],
-    ids=["grad_clip", "bf16", "ps_kd-bf16", "fp16-GradScaler"],
+    ids=[
+        "grad_clip",
+        "bf16",
+        "ps_kd-bf16",
+        "lsskd-hard-aux-bottleneck",
+        "tf_kd_reg-reference_code",
+        "regulated-participants",
+        "fp16-GradScaler",
+    ],
 )
-def test_amp_and_clipping_steps_have_no_host_sync(name, overrides, amp, tmp_path, counted_steps):
+def test_step_variants_have_no_host_sync(name, overrides, amp, tmp_path, counted_steps):
     check_epochs(counted_steps, tmp_path, name, *overrides, amp=amp)
 
 
