@@ -30,7 +30,12 @@ device and counts.
 Regions: every event carries the counter's :attr:`region` at the time. :meth:`label_steps`
 wraps a batch iterator so that the work done between receiving batch ``i`` and asking for
 the next one is region ``"step i"``, the loader's own work ``"loader"``, and everything else
-keeps the label it had (``"outside"`` by default).
+keeps the label it had (``"outside"`` by default). Typical use, on any device::
+
+    with HostSyncCounter(device) as counter:
+        for x, y in counter.label_steps(batches):
+            train_step(x, y)
+    assert not counter.in_steps(), counter.summary(counter.in_steps())
 """
 
 from __future__ import annotations
