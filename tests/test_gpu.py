@@ -403,3 +403,27 @@ def test_gpu_throughput_benchmark_smoke_runs_on_cpu(tmp_path):
     table = (out / "gpu_throughput.md").read_text()
     assert table.count("\n| ") == 1 + len(rows), table  # the header and one row per config
     assert "| lsskd | off | workers |" in table and "smoke settings" in table
+
+
+@pytest.mark.slow
+def test_gpu_check_script_smoke_runs_without_a_gpu(tmp_path):
+    """``scripts/gpu-check.sh --smoke`` end to end with this interpreter: facts, the GPU tier
+    (skipped without CUDA), the benchmark's smoke settings, and the summary files."""
+    out = tmp_path / "gpu-check"
+    proc = subprocess.run(
+        ["bash", str(ROOT / "scripts" / "gpu-check.sh"), "--smoke"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env={**os.environ, "OUT": str(out), "PYTHON": sys.executable, "OMP_NUM_THREADS": "1"},
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    for name in ("environment.txt", "pytest-gpu.xml", "gpu_throughput.json", "gpu-check.md"):
+        assert (out / name).is_file(), name
+    summary = json.loads((out / "gpu-check.json").read_text())
+    assert summary["smoke"] and summary["gpu_tier"]["exit_status"] == 0
+    tier = summary["gpu_tier"]
+    expected = tier["skipped"] if not torch.cuda.is_available() else tier["passed"]
+    assert tier["tests"] >= len(METHODS) * len(MODES) and expected == tier["tests"], tier
+    assert "| lsskd | off | workers |" in (out / "gpu-check.md").read_text()

@@ -57,6 +57,9 @@ ELLIPSIS_ARGS = "logger=none trainer.epochs=1"
 
 #: command (as extracted, placeholders unresolved) -> overrides appended for the CPU budget
 BUDGET = {
+    # the embedded default's 15 epochs run once, as written (`kdrun`); these two show a switch
+    "kdrun logger=none": "trainer.epochs=2",
+    "kdrun resume=never": "trainer.epochs=2",
     # 200-epoch ResNet-18 / WRN recipes: one epoch of two batches on the 256-image fixture
     "kdrun method=label_smoothing dataset=cifar100": (
         "trainer.epochs=1 trainer.limit_train_batches=2 logger=none"
@@ -219,7 +222,8 @@ def write_fake_fashion_mnist(root: Path, n_train: int = 600, n_test: int = 100) 
 
 SHIM = """#!{python}
 import json, os, sys
-from kdrun.data.fixtures import patched_cifar_checksums
+sys.path.insert(0, {root!r})
+from tests.fake_datasets import patched_cifar_checksums
 with open(os.environ["KDRUN_README_CIFAR_MD5S"]) as fh:
     md5s = json.load(fh)
 with patched_cifar_checksums(md5s):
@@ -242,7 +246,7 @@ class Workspace:
 
 @pytest.fixture(scope="module")
 def workspace(tmp_path_factory) -> Workspace:
-    from kdrun.data.fixtures import write_fake_cifar
+    from tests.fake_datasets import write_fake_cifar
 
     root = tmp_path_factory.mktemp("readme") / "kdrun"
     files = subprocess.run(
@@ -265,7 +269,7 @@ def workspace(tmp_path_factory) -> Workspace:
     (root.parent / "cifar_md5s.json").write_text(json.dumps(md5s))
     shim_dir = root.parent / "shim"
     shim_dir.mkdir()
-    (shim_dir / "kdrun").write_text(SHIM.format(python=sys.executable))
+    (shim_dir / "kdrun").write_text(SHIM.format(python=sys.executable, root=str(ROOT)))
     (shim_dir / "kdrun").chmod(0o755)
     home = Path(os.environ["HOME"])  # conftest's isolated home (module scope: set again here)
     env = {
