@@ -117,7 +117,9 @@ def build_logger(
 
     if not is_main:
         return MultiLogger([])
-    # A resumed run drops the events the interrupted process logged after its checkpoint.
+    # A resumed run drops the events the interrupted process logged after its checkpoint from
+    # metrics.jsonl and logs them again; W&B keeps its rows and gets only the steps it lacks.
+    logged_before = rundir.last_jsonl_step(run_dir) if resumed_step is not None else None
     loggers: list[Any] = [JsonlLogger(run_dir, drop_after_step=resumed_step)]
     if cfg.logger.backend == "wandb":
         choices = HydraConfig.get().runtime.choices
@@ -134,6 +136,7 @@ def build_logger(
                 name=cfg.get("name") or run_dir.name,
                 mode=cfg.logger.mode,
                 config=OmegaConf.to_container(cfg, resolve=True),
+                min_step=logged_before or 0,
             )
         )
     return MultiLogger(loggers)

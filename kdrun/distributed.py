@@ -283,8 +283,10 @@ class CPUSyncBatchNorm(torch.nn.modules.batchnorm._BatchNorm):
         from torch.distributed.nn.functional import all_reduce
 
         dims = [0, *range(2, x.dim())]
-        xf = x.float()
-        count = torch.full((1,), xf.numel() / xf.shape[1], device=x.device, dtype=torch.float32)
+        # float64 statistics: E[x^2] - E[x]^2 in float32 loses digits to cancellation where a
+        # channel's mean is large against its spread, which single-process BatchNorm does not
+        xf = x.double()
+        count = torch.full((1,), xf.numel() / xf.shape[1], device=x.device, dtype=torch.float64)
         packed = torch.cat([xf.sum(dims), (xf * xf).sum(dims), count])
         packed = all_reduce(packed)
         channels = x.shape[1]

@@ -161,6 +161,23 @@ def last_logged_step(run_dir: Path) -> int | None:
     return max(steps) if steps else None
 
 
+def last_jsonl_step(run_dir: Path) -> int | None:
+    """The highest step in ``metrics.jsonl`` (what earlier launches logged, stale tail included)."""
+    import json
+
+    steps = []
+    try:
+        lines = (Path(run_dir) / "metrics.jsonl").read_text().splitlines()
+    except OSError:
+        return None
+    for line in lines:
+        try:
+            steps.append(int(json.loads(line)["step"]))
+        except (ValueError, KeyError, TypeError):
+            continue  # a line cut by a kill
+    return max(steps) if steps else None
+
+
 def find_resumable(run_dir: Path, fp: str, multirun: bool) -> Path | None:
     """The newest unfinished, unlocked sibling run with fingerprint ``fp`` and a checkpoint."""
     run_dir = Path(run_dir).resolve()

@@ -197,7 +197,9 @@ def test_uneven_last_batch_matches_single_process(name, tmp_path):
 
 
 def test_divisible_batches_equal_single_process_weights(tmp_path):
-    args = [*DIGITS, "method=ps_kd", "trainer.epochs=1", "trainer.drop_last=true"]
+    # at the default lr a ReLU flipping on a 1e-7 rounding difference can send the runs ~1e-3
+    # apart within the epoch; at 0.02 they stay at the rounding of the rank average (1.2e-7)
+    args = [*DIGITS, "method=ps_kd", "trainer.epochs=1", "trainer.drop_last=true", "optim.lr=0.02"]
     single(args, tmp_path / "single")
     torchrun(args, tmp_path / "ddp")
     a = torch.load(run_dir(tmp_path / "single") / "checkpoints/last.ckpt", weights_only=True)

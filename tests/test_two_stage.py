@@ -301,3 +301,66 @@ def test_cli_born_again(tmp_path):
         assert acc[1] == summary["test/acc1"]
     else:
         assert len(acc) == 1
+
+
+def test_killed_in_student_stage_after_teacher_cached_keeps_steps_increasing(tmp_path):
+    """kill -9 during the student stage (the teacher is trained and cached), then the same
+    command: the teacher comes from the cache, its steps still count, so the steps in
+    metrics.jsonl and in the W&B offline run never go backwards; ``teacher/cached`` says the
+    teacher was trained by this run (in its first launch)."""
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    from tests import wandb_reader as wr
+    from tests.test_cli import wait_for_glob
+
+    args = [
+        "dataset=synthetic",
+        "dataset.options.train_size=512",
+        "dataset.options.test_size=64",
+        "dataset.options.image_size=16",
+        "model=resnet8",
+        "hardware=cpu",
+        "logger=wandb",
+        "trainer.epochs=4",
+        "trainer.batch_size=32",
+        "trainer.log_every=4",
+        "trainer.checkpoint_every_steps=4",
+        "method=tf_kd_self",
+        f"paths.teacher_cache={tmp_path / 'cache'}",
+    ]
+    env = {**os.environ, **ONE_THREAD, "KDRUN_DATA_DIR": str(tmp_path / "data")}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "kdrun", *args],
+        cwd=tmp_path,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    runs = tmp_path / "outputs" / "runs"
+    wait_for_glob(runs, "*/checkpoints/last.ckpt", proc)  # the student's (teacher: teacher/...)
+    proc.send_signal(signal.SIGKILL)
+    proc.communicate(timeout=60)
+    (run,) = list(runs.iterdir())
+    assert list((tmp_path / "cache").glob("teacher-*.pt")), "the teacher was cached"
+    assert not (run / "summary.json").exists(), "killed before the student finished"
+
+    run_kdrun(args, cwd=tmp_path, env=ONE_THREAD)
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["teacher/cached"] is False  # trained by this run, in its first launch
+    assert "reusing the cached stage" in (run / "kdrun.log").read_text()
+
+    events = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    steps = [e["step"] for e in events]
+    assert steps == sorted(steps), steps
+    teacher_last = max(e["step"] for e in events if any(k.startswith("teacher/") for k in e))
+    student_first = min(e["step"] for e in events if "train/loss" in e or "train_step/loss" in e)
+    assert student_first > teacher_last
+
+    files = wr.wandb_files(run)
+    assert len(files) == 2  # one offline fragment per launch
+    wandb_steps = [row["_step"] for f in files for row in wr.history(f)]
+    assert wandb_steps and wandb_steps == sorted(wandb_steps), wandb_steps

@@ -180,8 +180,13 @@ class WandbLogger(FinishOnExit):
         settings: Mapping[str, Any] | None = None,
         teardown: bool = True,
         resume: bool = True,
+        min_step: int = 0,
     ) -> None:
         self.run_dir = Path(run_dir)
+        # rows below this step are already in the W&B run from an earlier launch (a resumed run
+        # repeats the steps between its checkpoint and the kill): not sent again, so the run's
+        # steps never go backwards
+        self.min_step = int(min_step)
         self.requested_mode = mode
         self._teardown = teardown
         self.mode = resolve_wandb_mode(mode)  # raises ValueError on an unknown mode
@@ -318,7 +323,7 @@ class WandbLogger(FinishOnExit):
     # -- Logger API ------------------------------------------------------------------------------
 
     def log_metrics(self, metrics: Mapping[str, float], step: int) -> None:
-        if not self.active:
+        if not self.active or step < self.min_step:
             return
         try:
             data = {str(k): _plain(v) for k, v in metrics.items()}
@@ -327,7 +332,7 @@ class WandbLogger(FinishOnExit):
             self._fail("log failed", exc)
 
     def log_image(self, key: str, path: str | Path, step: int, caption: str | None = None) -> None:
-        if not self.active:
+        if not self.active or step < self.min_step:
             return
         if not Path(path).is_file():
             if key not in self._missing_images:
