@@ -372,8 +372,12 @@ def test_readme_commands_run(workspace, block):
 @pytest.mark.slurm
 def test_readme_slurm_commands_run_on_the_local_cluster(workspace, slurm_cluster):  # noqa: F811
     """The SLURM commands on the single-node cluster the fixture started (it also stops it)."""
-    env = {**workspace.env, **slurm_cluster.client_env(), "OMP_NUM_THREADS": "1"}
-    env["PATH"] = f"{Path(sys.executable).parent}:{env['PATH']}"
+    cluster = slurm_cluster.client_env()  # what `eval "$(scripts/slurm-local.sh start)"` exports
+    env = {
+        **workspace.env,
+        "SLURM_CONF": cluster["SLURM_CONF"],
+        "PATH": f"{Path(sys.executable).parent}:{cluster['PATH']}",
+    }
     ran = []
     for command in COMMANDS:
         if not command.slurm or command.manual or CLUSTER_LIFECYCLE.search(command.text):
