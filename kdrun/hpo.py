@@ -98,20 +98,33 @@ def open_storage(storage: str) -> Any:
     return optuna.storages.JournalStorage(JournalFileBackend(str(path)))
 
 
-def _accepted_options(cls: type, options: Mapping[str, Any]) -> dict[str, Any]:
-    params = inspect.signature(cls).parameters
-    kept = {k: v for k, v in options.items() if k in params}
-    dropped = sorted(set(options) - set(kept))
-    if dropped:
-        log.info("%s takes no %s: left out", cls.__name__, ", ".join(dropped))
-    return kept
+def _accepted_options(cls: type, options: Mapping[str, Any], family: Mapping[str, str]) -> dict:
+    """The options ``cls`` takes. One that no class of its ``family`` (samplers or pruners)
+    takes is a typo: an error naming it; one meant for another member is left out, so a
+    preset's TPE or median options survive ``sampler=random`` or ``pruner=hyperband``."""
+    import optuna
+
+    takes = set(inspect.signature(cls).parameters)
+    for key in options:
+        if key in takes:
+            continue
+        module = optuna.samplers if family is SAMPLERS else optuna.pruners
+        if not any(
+            key in inspect.signature(getattr(module, n)).parameters for n in family.values()
+        ):
+            kind = "sampler" if family is SAMPLERS else "pruner"
+            raise ConfigError(
+                f"hydra.sweeper.{kind}_options.{key}: no Optuna {kind} takes it "
+                f"({cls.__name__} takes {', '.join(sorted(takes - {'self'}))})"
+            )
+    return {k: v for k, v in options.items() if k in takes}
 
 
 def make_sampler(name: str, options: Mapping[str, Any], seed: int | None) -> Any:
     """``hydra.sweeper.sampler``: tpe (default), random, cmaes, gp, qmc, nsgaii, bruteforce.
 
     ``options`` (``hydra.sweeper.sampler_options``) are the sampler's keyword arguments; those
-    the chosen sampler does not take are left out (so a preset's TPE options survive
+    only other samplers take are left out (so a preset's TPE options survive
     ``sampler=random``)."""
     import optuna
 
@@ -124,7 +137,7 @@ def make_sampler(name: str, options: Mapping[str, Any], seed: int | None) -> Any
     if seed is not None:
         kwargs["seed"] = seed
     try:
-        return cls(**_accepted_options(cls, kwargs))
+        return cls(**_accepted_options(cls, kwargs, SAMPLERS))
     except ImportError as err:  # cmaes without the cmaes package, ...
         raise ConfigError(f"hydra.sweeper.sampler={name}: {err}") from err
 
@@ -132,7 +145,7 @@ def make_sampler(name: str, options: Mapping[str, Any], seed: int | None) -> Any
 def make_pruner(name: str, options: Mapping[str, Any], epochs: int) -> Any:
     """``hydra.sweeper.pruner``: none (default), median, percentile, successive_halving,
     hyperband, threshold; ``options`` (``hydra.sweeper.pruner_options``) are its keyword
-    arguments (those it does not take are left out, as for samplers). A step is an epoch:
+    arguments (those only other pruners take are left out). A step is an epoch:
     hyperband's ``max_resource`` defaults to ``trainer.epochs``."""
     import optuna
 
@@ -144,7 +157,7 @@ def make_pruner(name: str, options: Mapping[str, Any], epochs: int) -> Any:
         kwargs.setdefault("min_resource", 1)
         kwargs.setdefault("max_resource", int(epochs))
     try:
-        return cls(**_accepted_options(cls, kwargs))
+        return cls(**_accepted_options(cls, kwargs, PRUNERS))
     except TypeError as err:
         raise ConfigError(f"hydra.sweeper.pruner_options for {name}: {err}") from err
 

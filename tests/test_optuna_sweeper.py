@@ -47,11 +47,19 @@ def test_search_space_syntax_of_the_optuna_sweeper():
         "method.beta": IntDistribution(1, 64, log=True),
     }
     # plain values are fixed; the command line fixes a searched key
-    assert fixed == {"optim.weight_decay": "0.0005", "seed": "3", "trainer.batch_size": "16"}
+    assert fixed == {
+        "optim.weight_decay": "optim.weight_decay=0.0005",
+        "seed": "seed=3",
+        "trainer.batch_size": "trainer.batch_size=16",
+    }
     # a sweep on the command line joins (or replaces) the space
     dists, _ = parse_search_space(params, ["optim.lr=interval(0.01, 0.02)", "seed=choice(0,1)"])
     assert dists["optim.lr"] == FloatDistribution(0.01, 0.02)
     assert dists["seed"] == CategoricalDistribution([0, 1])
+    # `~key` takes a searched key out of the space (and is not passed on); other keys keep it
+    dists, fixed = parse_search_space(params, ["~method.beta", "~optim.nesterov"])
+    assert "method.beta" not in dists and "method.alpha_T" in dists
+    assert "~method.beta" not in fixed and "~optim.nesterov" in fixed
 
 
 def test_samplers_and_pruners_by_name():
@@ -70,6 +78,8 @@ def test_samplers_and_pruners_by_name():
     assert isinstance(median, optuna.pruners.MedianPruner)
     hyperband = hpo.make_pruner("hyperband", {"n_startup_trials": 2}, 8)
     assert isinstance(hyperband, optuna.pruners.HyperbandPruner)
+    with pytest.raises(ConfigError, match=r"pruner_options.n_warmup_step: no Optuna pruner"):
+        hpo.make_pruner("median", {"n_warmup_step": 1}, 8)  # a typo is not silently dropped
     with pytest.raises(ConfigError, match="hydra.sweeper.pruner='mediann'"):
         hpo.make_pruner("mediann", {}, 8)
 

@@ -53,16 +53,21 @@ def write_results(
         "pruned_trials": by_state[TrialState.PRUNED],
     }
     write_trials_csv(trials, sweep_dir / "trials.csv")
+    pruned = by_state[TrialState.PRUNED]
     log.info(
-        "%d complete, %d pruned %s, %d failed trials",
+        "trials: %d complete, %d pruned%s, %d failed",
         results["trials"]["complete"],
-        results["trials"]["pruned"],
-        by_state[TrialState.PRUNED],
+        len(pruned),
+        f" {pruned}" if pruned else "",
         results["trials"]["failed"],
     )
     if by_state[TrialState.COMPLETE]:
         best = study.best_trial
-        command = rerun_command(config, hydra_context, best.params, searched, rerun_seeds)
+        try:
+            command = rerun_command(config, hydra_context, best.params, searched, rerun_seeds)
+        except Exception as exc:  # a convenience: it must not fail a finished search
+            log.warning("no rerun command: %s", exc)
+            command = None
         results.update(
             best_params=dict(best.params),
             best_value=best.value,
@@ -72,7 +77,8 @@ def write_results(
         )
         log.info("Best parameters: %s", best.params)
         log.info("Best value: %s (trial %d)", best.value, best.number)
-        log.info("Rerun the best configuration with %d seeds:\n%s", rerun_seeds, command)
+        if command:
+            log.info("Rerun the best configuration with %d seeds:\n%s", rerun_seeds, command)
     OmegaConf.save(OmegaConf.create(results), sweep_dir / "optimization_results.yaml")
     try:
         plot_results(study, trials, sweep_dir)
@@ -153,11 +159,11 @@ def rerun_command(
         )
 
     wanted = _choices(config)
-    plain = compose(base)
+    plain = compose([o for o in base if "." not in _key(o)])  # group choices and top-level keys
     groups = [
         f"{g}={c}" for g, c in wanted.items() if c is not None and _choices(plain).get(g) != c
     ]
-    plain = compose(base + groups)
+    plain = compose(groups + base)
     have = _flatten(_app_config(plain))
     values = []
     for key, value in _flatten(_app_config(config)).items():
@@ -170,7 +176,7 @@ def rerun_command(
         values.append(f"{'' if key in have else '+'}{key}={_value(value)}")
     params = [f"{k}={format_value(v)}" for k, v in best_params.items()]
     seed_list = ",".join(str(s) for s in range(seeds))
-    words = ["kdrun", "-m", *base, *groups, *values, *params, "dataset.val_fraction=0"]
+    words = ["kdrun", "-m", *groups, *base, *values, *params, "dataset.val_fraction=0"]
     words.append(f"seed={seed_list}")
     return " ".join(shlex.quote(w) for w in words)
 

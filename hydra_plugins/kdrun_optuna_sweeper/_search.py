@@ -136,19 +136,19 @@ def run_search(
             study_name=study_name, storage=storage, sampler=sampler, pruner=pruner
         )
         log.info(
-            "study %s (%s): %d of %d trials to run, sampler %s, pruner %s",
+            "study %s: %d of %d trials to run (sampler %s, pruner %s, storage %s)",
             study_name,
-            storage_url,
             to_run,
             settings["n_trials"],
             settings["sampler"],
             settings["pruner"],
+            storage_url,
         )
         job_overrides = [
             f"hydra.sweeper.storage={quoted(storage_url)}",
             f"hydra.sweeper.study_name={quoted(study_name)}",
         ]
-        fixed_overrides = [f"{key}={value}" for key, value in fixed.items()]
+        fixed_overrides = list(fixed.values())
         run_batches(
             study,
             distributions,

@@ -83,18 +83,22 @@ def parse_search_space(
     """``(distributions, fixed)`` from ``hydra.sweeper.params`` and the command's overrides.
 
     Later entries win (the command line over the config); a plain value on the command line
-    for a searched key fixes it. ``fixed`` maps override keys (``+x``, ``~x`` keep their
-    prefix) to their value as written."""
+    for a searched key fixes it, ``~key`` takes it out of the space (e.g. a knob the chosen
+    method lacks). ``fixed`` maps override keys (``+x``, ``~x`` keep their prefix) to the
+    override as written, passed to every trial."""
     lines = [f"{key}={_as_override_value(value)}" for key, value in params.items()]
     lines += list(arguments)
     distributions: dict[str, BaseDistribution] = {}
     fixed: dict[str, str] = {}
     for override in OverridesParser.create().parse_overrides(lines):
         key = override.get_key_element()
+        if override.is_delete() and override.key_or_group in distributions:
+            del distributions[override.key_or_group]  # `~key`: searched no more, left as is
+            continue
         dist = distribution(override)
         if dist is None:
             distributions.pop(key, None)
-            fixed[key] = override.get_value_element_as_str()
+            fixed[key] = override.input_line
         else:
             fixed.pop(key, None)
             distributions[key] = dist
