@@ -295,7 +295,7 @@ class Trainer:
             for p in list(self.model.parameters()) + list(self.method.parameters())
             if p.requires_grad
         ]
-        self.optimizer = optimizer_factory(params)
+        self.optimizer = self._build_optimizer(optimizer_factory, params)
         sampler = method.train_batch_sampler(
             data.train_targets,
             settings.batch_size,
@@ -341,6 +341,16 @@ class Trainer:
         self.stopper = distributed.StopAgreement()
         #: :mod:`kdrun.callbacks` objects told of the fit's events (chosen by the caller)
         self.callbacks: list[Any] = []
+
+    def _build_optimizer(self, factory: Callable[..., torch.optim.Optimizer], params: list):
+        """The optimizer; fused under fp16, where ``GradScaler`` hands a fused optimizer the
+        inf/NaN flag on the device (an unfused step reads it on the host every step)."""
+        if self.hw.amp == "fp16":
+            try:
+                return factory(params, fused=True)
+            except (TypeError, RuntimeError) as exc:  # an optimizer without a fused variant
+                log.warning("fp16: no fused optimizer (%s); each step reads the inf flag", exc)
+        return factory(params)
 
     # ----- checkpoints --------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:

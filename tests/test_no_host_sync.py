@@ -22,9 +22,9 @@ one (forward, loss, backward, optimizer and scheduler step, meter updates) is re
   ``trainer.log_every`` out of reach) record the same events — only the end-of-epoch read.
 
 The same check runs with gradient clipping, bf16 autocast and method options that take other
-branches of the step. With ``hardware.amp=fp16`` the
-step is known to sync: ``torch.amp.GradScaler.step`` reads its found-inf flag on the host
-(a strict xfail that names it). ``test_check_detects_*`` show that the check fails on a step
+branches of the step, fp16 with its GradScaler included (the engine builds a fused optimizer
+there, which GradScaler hands the found-inf flag on the device; an unfused step would read it
+on the host). ``test_check_detects_*`` show that the check fails on a step
 that does sync, in the real engine and op by op.
 """
 
@@ -144,17 +144,7 @@ def test_training_step_has_no_host_sync(name, tmp_path, counted_steps):
             ["method.reduction=participants", "method.teacher_reduction=participants"],
             "off",
         ),
-        pytest.param(
-            "ce",
-            [],
-            "fp16",
-            marks=pytest.mark.xfail(
-                strict=True,
-                reason="GradScaler.step reads found_inf with .item() every step "
-                "(torch/amp/grad_scaler.py _maybe_opt_step), called by the engine's optimizer "
-                "step for hardware.amp=fp16",
-            ),
-        ),
+        ("ce", [], "fp16"),  # GradScaler with the fused optimizer the engine builds for fp16
     ],
     ids=[
         "grad_clip",
