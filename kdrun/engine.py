@@ -14,12 +14,32 @@ stays.
 Resumability: a checkpoint records the completed epochs and the batches done in the current
 epoch. Batch order and augmentation are pure functions of ``(seed, epoch, step)``, so a run
 resumed from any checkpoint continues exactly like an uninterrupted one (on CPU: bit for bit).
+
+Evaluation protocol (``eval_every`` epochs and always after the last one; keys carry the stage
+prefix, e.g. ``teacher/``):
+
+* With a validation split (``Datasets.has_validation``): every evaluation runs on it and is
+  logged ``val/*``; ``eval.monitor`` (``val/<metric>``; accuracies and AUROC higher-better,
+  every other metric lower-better, :func:`monitor_metric`) selects a model, exported to
+  ``checkpoints/best.ckpt`` with its epoch, the monitor and the monitored value; the running
+  selection is logged ``val/<metric>_best`` / ``val/<metric>_best_epoch`` (first epoch on ties).
+  After the last epoch the test set is evaluated once for the last model (``test/*``) and once
+  for the selected one, loaded from ``best.ckpt`` into a copy of the evaluated model
+  (``test_at_best/*``). No ``test/*`` key is logged before the last epoch.
+* Without one: every evaluation runs on the test set (``test/*``), nothing is selected and no
+  ``best.ckpt`` is written; the highest test accuracy so far is ``test/acc1_max`` /
+  ``test/acc1_max_epoch`` — a test-selected figure, never called "best" and never used.
+* Either way ``checkpoints/final.ckpt`` holds the evaluated model after the last epoch, and a
+  reliability diagram is saved for every evaluation of the split evaluated per epoch
+  (``plots/reliability_val``) and for the test set (``plots/reliability_test``).
 """
 
 from __future__ import annotations
 
 import contextlib
+import copy
 import logging
+import math
 import signal
 import time
 from collections.abc import Callable, Iterator, Mapping
@@ -40,10 +60,24 @@ from kdrun.data.spec import Datasets
 from kdrun.errors import ConfigError, NonFiniteLossError
 from kdrun.loggers.base import Logger
 from kdrun.methods.base import Batch, Method, StepOutput
-from kdrun.metrics import classification_metrics
+from kdrun.metrics import METRIC_KEYS, classification_metrics
 from kdrun.schedules import Schedule
 
 log = logging.getLogger("kdrun")
+
+#: metrics for which a larger value is better (every other metric: smaller is better)
+HIGHER_IS_BETTER = frozenset({"acc1", "acc5", "auroc"})
+
+
+def monitor_metric(monitor: str) -> tuple[str, bool]:
+    """``(metric, higher_is_better)`` of an ``eval.monitor`` value ``val/<metric>``."""
+    split, _, metric = str(monitor).partition("/")
+    if split != "val" or metric not in METRIC_KEYS:
+        raise ConfigError(
+            f"eval.monitor={monitor!r} must be val/<metric> with a metric of "
+            f"{', '.join(METRIC_KEYS)} (a model is selected on the validation split only)"
+        )
+    return metric, metric in HIGHER_IS_BETTER
 
 
 @dataclass
@@ -59,6 +93,7 @@ class TrainerSettings:
     checkpoint_every_steps: int | None = None
     eval_batch_size: int = 512
     n_bins: int = 15
+    monitor: str = "val/acc1"  # eval.monitor: selects best.ckpt when a validation split exists
 
 
 @dataclass
@@ -170,15 +205,26 @@ class Meter:
         return out
 
     def state_dict(self) -> dict[str, Any]:
+        """The running sums of all ranks (summed: called on every rank, one all-reduce), so a
+        mid-epoch checkpoint resumes on any number of ranks."""
+        keys = sorted(self.logs)
+        sums = torch.stack(
+            [self.loss_sum, self.correct, self.count, self.steps, *[self.logs[k] for k in keys]]
+        )
+        sums = distributed.all_reduce_sum(sums)
         return {
-            "loss_sum": self.loss_sum,
-            "correct": self.correct,
-            "count": self.count,
-            "steps": self.steps,
-            "logs": dict(self.logs),
+            "loss_sum": sums[0],
+            "correct": sums[1],
+            "count": sums[2],
+            "steps": sums[3],
+            "logs": dict(zip(keys, sums[4:])),
         }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Rank 0 takes the saved (global) sums, the other ranks start from zero."""
+        self.reset()
+        if distributed.rank() != 0:
+            return
         for key in ("loss_sum", "correct", "count", "steps"):
             setattr(self, key, state[key].to(self.device))
         self.logs = {k: v.to(self.device) for k, v in state["logs"].items()}
@@ -333,8 +379,12 @@ class Trainer:
         self.epoch = 0  # completed epochs
         self.step_in_epoch = 0  # batches done in the current epoch
         self.global_step = 0
-        self.best_acc1, self.best_epoch = -1.0, -1
-        self.last_test: dict[str, float] = {}
+        self.has_validation = data.has_validation
+        self.monitor, self.higher_is_better = monitor_metric(settings.monitor)
+        # the selected epoch (validation) or the epoch of the highest test acc1 (no validation)
+        self.best_value: float | None = None
+        self.best_epoch = -1
+        self.last_eval: dict[str, float] = {}  # the latest evaluation's logged figures
         self.history: list[dict[str, float]] = []
         self.train_time_s = 0.0  # accumulated over restarts
         self.signals = _SignalFlag()
@@ -353,7 +403,9 @@ class Trainer:
         return factory(params)
 
     # ----- checkpoints --------------------------------------------------------------------------
-    def state_dict(self) -> dict[str, Any]:
+    def state_dict(self, meter_state: Mapping[str, Any] | None = None) -> dict[str, Any]:
+        if meter_state is None:
+            meter_state = self.meter.state_dict()
         return {
             "model": self.model.state_dict(),
             "method": self.method.state_dict(),
@@ -364,10 +416,10 @@ class Trainer:
             "step_in_epoch": self.step_in_epoch,
             "global_step": self.global_step,
             "log_step": self.step_offset + self.global_step,
-            "best_acc1": self.best_acc1,
+            "best_value": self.best_value,
             "best_epoch": self.best_epoch,
-            "last_test": dict(self.last_test),
-            "meter": self.meter.state_dict(),
+            "last_eval": dict(self.last_eval),
+            "meter": meter_state,
             "train_time_s": self.train_time_s,
             "rng": ckpt.rng_state(),
         }
@@ -381,24 +433,43 @@ class Trainer:
         self.epoch = int(state["epoch"])
         self.step_in_epoch = int(state["step_in_epoch"])
         self.global_step = int(state["global_step"])
-        self.best_acc1 = float(state["best_acc1"])
         self.best_epoch = int(state["best_epoch"])
-        self.last_test = dict(state.get("last_test", {}))
+        best = state.get("best_value", state.get("best_acc1"))  # best_acc1: older checkpoints
+        self.best_value = None if best is None or self.best_epoch < 0 else float(best)
+        self.last_eval = dict(state.get("last_eval", state.get("last_test", {})))
         self.meter.load_state_dict(state["meter"])
         self.train_time_s = float(state.get("train_time_s", 0.0))
         ckpt.set_rng_state(state["rng"])
 
     def save_checkpoint(self) -> None:
+        meter_state = self.meter.state_dict()  # every rank takes part in its all-reduce
         if self.dist.is_main:
-            ckpt.save_last(self.state_dict(), self.ckpt_dir)
+            ckpt.save_last(self.state_dict(meter_state), self.ckpt_dir)
         distributed.barrier()
 
     def save_best(self, metrics: Mapping[str, float]) -> None:
+        """``best.ckpt``: the evaluated model selected on ``eval.monitor`` (validation only)."""
         if self.dist.is_main:
             export = self.method.eval_model(self.model)
             ckpt.atomic_save(
-                {"model": export.state_dict(), "epoch": self.epoch, "metrics": dict(metrics)},
+                {
+                    "model": export.state_dict(),
+                    "epoch": self.epoch,
+                    "monitor": self.settings.monitor,
+                    "value": self.best_value,
+                    "metrics": dict(metrics),
+                },
                 self.ckpt_dir / "best.ckpt",
+            )
+
+    def save_final(self) -> None:
+        """``final.ckpt``: the evaluated model after the last epoch (what ``test/*`` measured
+        with a validation split, and the model to take without one)."""
+        if self.dist.is_main:
+            export = self.method.eval_model(self.model)
+            ckpt.atomic_save(
+                {"model": export.state_dict(), "epoch": self.epoch, "metrics": self.last_eval},
+                self.ckpt_dir / "final.ckpt",
             )
 
     # ----- loops --------------------------------------------------------------------------------
@@ -440,6 +511,7 @@ class Trainer:
                 self.history.append(record)
                 self.save_checkpoint()
                 notify(self.callbacks, "on_epoch_end", self, record)
+            self.save_final()
             self.stopper.close()
             notify(self.callbacks, "on_fit_end", self)
         finally:
@@ -603,11 +675,73 @@ class Trainer:
             )
 
     def evaluate(self) -> dict[str, float]:
-        """Test metrics of the evaluated model (``method.eval_model``), logged as ``test/*``."""
-        s, hw = self.settings, self.hw
+        """One scheduled evaluation (see the module docstring): the validation split when there
+        is one — plus, after the last epoch, the test set for the last and the selected model —
+        else the test set."""
+        p = self.prefix
+        split = "val" if self.has_validation else "test"
         model = self.method.eval_model(self.model)
+        metrics = self._evaluate_split(model, split, plot=True)
+        out = {f"{p}{split}/{k}": v for k, v in metrics.items()}
+        if self._improves(metrics[self.monitor] if self.has_validation else metrics["acc1"]):
+            self.best_value = metrics[self.monitor] if self.has_validation else metrics["acc1"]
+            self.best_epoch = self.epoch
+            if self.has_validation:
+                self.save_best(out)
+        out.update(self._selection_keys())
+        if self.has_validation and self.epoch == self.settings.epochs:
+            out.update(self._final_test(model))
+        self.last_eval = dict(out)
+        return out
+
+    def _improves(self, value: float) -> bool:
+        if not math.isfinite(value):
+            return False
+        if self.best_value is None:
+            return True
+        return value > self.best_value if self.higher_is_better else value < self.best_value
+
+    def _selection_keys(self) -> dict[str, float]:
+        p = self.prefix
+        if self.has_validation:
+            key = f"{p}val/{self.monitor}_best"
+        else:  # the test set's own maximum: test-selected, reported as such
+            key = f"{p}test/acc1_max"
+        value = self.best_value if self.best_value is not None else math.nan
+        return {key: value, f"{key}_epoch": self.best_epoch}
+
+    def _final_test(self, model: nn.Module) -> dict[str, float]:
+        """``test/*`` of the last model and ``test_at_best/*`` of the one in ``best.ckpt``."""
+        p = self.prefix
+        out = {f"{p}test/{k}": v for k, v in self._evaluate_split(model, "test", plot=True).items()}
+        selected = self._selected_model(model)
+        if selected is not None:
+            metrics = self._evaluate_split(selected, "test", label="test_at_best")
+            out.update({f"{p}test_at_best/{k}": v for k, v in metrics.items()})
+        return out
+
+    def _selected_model(self, model: nn.Module) -> nn.Module | None:
+        """A copy of ``model`` holding the weights of ``best.ckpt`` (None without one)."""
+        distributed.barrier()  # rank 0 writes best.ckpt; every rank reads it
+        path = self.ckpt_dir / "best.ckpt"
+        if self.best_epoch < 0 or not path.is_file():
+            log.warning(
+                "%sno model was selected on %s: no test_at_best/*", self.prefix, self.monitor
+            )
+            return None
+        selected = copy.deepcopy(model)
+        selected.load_state_dict(ckpt.load(path, map_location=self.device)["model"])
+        return selected
+
+    def _evaluate_split(
+        self, model: nn.Module, split: str, plot: bool = False, label: str | None = None
+    ) -> dict[str, float]:
+        """The metrics of ``model`` on evaluation split ``split`` (logged to the console; with
+        ``plot``, a reliability diagram ``plots/reliability_[<prefix>_]<split>``)."""
+        s, hw = self.settings, self.hw
         batches = eval_batches(
             self.data,
+            split,
             self.device,
             s.eval_batch_size,
             hw.loader,
@@ -617,30 +751,24 @@ class Trainer:
         )
         logits, labels = predict(model, batches, self.device, hw.amp)
         metrics = classification_metrics(logits, labels, n_bins=s.n_bins)
-        out = {f"{self.prefix}test/{k}": v for k, v in metrics.items()}
-        self.last_test = dict(out)
-        if metrics["acc1"] > self.best_acc1:
-            self.best_acc1, self.best_epoch = metrics["acc1"], self.epoch
-            self.save_best(out)
-        out[f"{self.prefix}test/acc1_best"] = self.best_acc1
-        out[f"{self.prefix}test/acc1_best_epoch"] = self.best_epoch
-        if self.plots and self.dist.is_main:
-            self._reliability_plot(logits, labels)
+        if plot and self.plots and self.dist.is_main:
+            self._reliability_plot(logits, labels, split)
         if self.dist.is_main:
             log.info(
-                "%sepoch %d test acc1 %.4f nll %.4f ece %.4f",
+                "%sepoch %d %s acc1 %.4f nll %.4f ece %.4f",
                 self.prefix,
                 self.epoch,
+                label or split,
                 metrics["acc1"],
                 metrics["nll"],
                 metrics["ece"],
             )
-        return out
+        return metrics
 
-    def _reliability_plot(self, logits: torch.Tensor, labels: torch.Tensor) -> None:
+    def _reliability_plot(self, logits: torch.Tensor, labels: torch.Tensor, split: str) -> None:
         from kdrun.plots import save_reliability_diagram
 
-        name = f"reliability_{self.prefix.strip('/') + '_' if self.prefix else ''}test"
+        name = f"reliability_{self.prefix.strip('/') + '_' if self.prefix else ''}{split}"
         png = self.run_dir / "plots" / f"{name}.png"
         try:
             save_reliability_diagram(
@@ -649,10 +777,10 @@ class Trainer:
                 self.settings.n_bins,
                 png,
                 png.with_suffix(".json"),
-                title=f"{self.prefix}test, epoch {self.epoch}",
+                title=f"{self.prefix}{split}, epoch {self.epoch}",
             )
             self.logger.log_image(
-                f"{self.prefix}plots/reliability_test",
+                f"{self.prefix}plots/reliability_{split}",
                 png,
                 step=self.step_offset + self.global_step,
             )
@@ -660,8 +788,7 @@ class Trainer:
             log.warning("reliability diagram failed: %s", exc)
 
     def final_metrics(self) -> dict[str, Any]:
-        """The last evaluation plus best-epoch figures, for summary.json."""
-        out = dict(self.last_test)
-        out[f"{self.prefix}test/acc1_best"] = self.best_acc1
-        out[f"{self.prefix}test/acc1_best_epoch"] = self.best_epoch
-        return out
+        """The figures of the last evaluation, for summary.json: ``val/*``, the selection on
+        ``eval.monitor``, ``test/*`` and ``test_at_best/*`` with a validation split; ``test/*``
+        and the test-selected ``test/acc1_max`` without one."""
+        return dict(self.last_eval)
