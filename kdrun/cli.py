@@ -32,6 +32,7 @@ from kdrun import distributed, hpo, rundir
 from kdrun.config import validate
 from kdrun.console import Console, SilentConsole
 from kdrun.data.datasets import build_datasets
+from kdrun.data.spec import Datasets
 from kdrun.engine import (
     HardwareSettings,
     Preempted,
@@ -161,6 +162,7 @@ def trainer_settings(cfg: DictConfig) -> TrainerSettings:
         checkpoint_every_steps=t.checkpoint_every_steps,
         eval_batch_size=cfg.eval.batch_size,
         n_bins=cfg.eval.n_bins,
+        monitor=str(cfg.eval.get("monitor", "val/acc1")),
     )
 
 
@@ -174,6 +176,30 @@ def hardware_settings(cfg: DictConfig, device: torch.device, amp: str) -> Hardwa
         num_workers=hw.num_workers,
         loader=cfg.dataset.loader,
         sync_bn=hw.sync_bn,
+    )
+
+
+def protocol_fields(cfg: DictConfig, data: Datasets) -> dict[str, Any]:
+    """The summary's evaluation-protocol fields: ``eval_split`` (the split evaluated after every
+    epoch: ``"validation"`` or ``"test"``), ``val_samples``, and with a validation split
+    ``eval_monitor`` (the ``eval.monitor`` that selected ``best.ckpt``)."""
+    if not data.has_validation:
+        return {"eval_split": "test", "val_samples": 0}
+    return {
+        "eval_split": "validation",
+        "val_samples": data.num_val,
+        "eval_monitor": str(cfg.eval.get("monitor", "val/acc1")),
+    }
+
+
+def final_table_title(summary: dict[str, Any]) -> str:
+    if summary["eval_split"] != "validation":
+        return "final test metrics (last epoch; no validation split, nothing selected)"
+    monitor = summary["eval_monitor"]
+    epoch = summary.get(f"{monitor}_best_epoch")
+    return (
+        "final metrics: val/* last epoch, test/* last model, "
+        f"test_at_best/* model selected on {monitor} (epoch {epoch})"
     )
 
 
@@ -227,7 +253,6 @@ def train(cfg: DictConfig) -> dict[str, Any]:
             log.info("config:\n%s", OmegaConf.to_yaml(cfg, resolve=True))
 
         set_determinism(int(cfg.seed), bool(hw_cfg.deterministic))
-        val_fraction = float(cfg.dataset.get("val_fraction", 0.0))
         data = build_datasets(
             cfg.dataset.name,
             root=cfg.dataset.root,
@@ -236,7 +261,8 @@ def train(cfg: DictConfig) -> dict[str, Any]:
             download=bool(cfg.dataset.download),
             augment=str(cfg.dataset.get("augment", "default")),
             subset_seed=cfg.dataset.get("subset_seed"),
-            val_fraction=val_fraction,
+            val_fraction=float(cfg.dataset.get("val_fraction", 0.0)),
+            val_split=str(cfg.dataset.get("val_split", "none")),
             **dataset_options(cfg),
         )
         spec = data.spec
@@ -296,8 +322,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
             "train_time_s": timing["train_time_s"],
             "world_size": info.world_size,
             "amp": amp,
-            # test/* metrics are on this split: the test set, or the held-out validation share
-            "eval_split": "validation" if val_fraction > 0 else "test",
+            **protocol_fields(cfg, data),
             **runner.summary,
             **trainer.final_metrics(),
             **method.summary(),
@@ -305,8 +330,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         }
         if info.is_main:
             logger.log_summary(summary)
-            split = summary["eval_split"]
-            console.metrics_table(f"final {split} metrics (last epoch)", summary)
+            console.metrics_table(final_table_title(summary), summary)
         status, exit_code = ("pruned" if pruned else "finished"), 0
         return summary
     except BaseException as exc:

@@ -7,45 +7,66 @@ the value and what is allowed:
 * the core keys (``trainer.*``, ``eval.*``, ``dataset.*``, ``hardware.*``, ``optim.*``,
   ``logger.*``, ``seed``, ``resume``) against :data:`CORE_SCHEMA`;
 * every node with a ``_target_`` (model, method, schedule, optimizer) against the target's
-  signature: unknown arguments, wrong types (from the annotations) and the class's ``ranges``.
+  declarations only (see :mod:`kdrun.methods.base`): unknown arguments, types from the
+  constructor annotations, choices from ``Literal[...]``, bounds from the class's ``ranges``
+  (:class:`~kdrun.methods.base.Range`), then the class's ``check_knobs`` hook if it has one.
+
+:class:`ValidateBeforeRunDir` (registered in ``conf/config.yaml`` under ``hydra.callbacks``) runs
+:func:`validate` before Hydra creates a single run's directory, so a rejected command leaves no
+run dir behind; the app validates again (a multirun job is checked when it starts).
 """
 
 from __future__ import annotations
 
+import copy
 import inspect
+import os
+import sys
 import types
 import typing
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from hydra.core.hydra_config import HydraConfig
+from hydra.experimental.callback import Callback
 from hydra.utils import get_object
-from omegaconf import DictConfig, ListConfig, OmegaConf
+from omegaconf import DictConfig, ListConfig, OmegaConf, open_dict, read_write
 
 from kdrun.errors import ConfigError
+from kdrun.methods.base import Range
+from kdrun.metrics import METRIC_KEYS
 
 
 @dataclass(frozen=True)
 class Rule:
+    """What one value may be: its type(s), bounds (closed ends unless marked open), choices, and
+    whether null is allowed."""
+
     kind: type | tuple[type, ...]
     low: float | None = None  # inclusive unless low_open
-    high: float | None = None
+    high: float | None = None  # inclusive unless high_open
     choices: tuple[Any, ...] | None = None
     nullable: bool = False
     low_open: bool = False
+    high_open: bool = False
+
+    @property
+    def bounds(self) -> Range:
+        return Range(self.low, self.high, self.low_open, self.high_open)
 
     def describe(self) -> str:
+        """The allowed values in words: ``a number > 0``, ``one of kd, mse (or null)``."""
         if self.choices:
-            return "one of " + ", ".join(str(c) for c in self.choices)
-        name = {int: "an integer", float: "a number", bool: "true or false", str: "a string"}
-        kinds = self.kind if isinstance(self.kind, tuple) else (self.kind,)
-        text = " or ".join(name.get(k, k.__name__) for k in kinds)
-        if self.low is not None and self.high is not None:
-            text += f" in {'(' if self.low_open else '['}{self.low}, {self.high}]"
-        elif self.low is not None:
-            text += f" {'>' if self.low_open else '>='} {self.low}"
-        elif self.high is not None:
-            text += f" <= {self.high}"
+            text = "one of " + ", ".join(str(c) for c in self.choices)
+        else:
+            name = {int: "an integer", float: "a number", bool: "true or false", str: "a string"}
+            kinds = list(self.kind if isinstance(self.kind, tuple) else (self.kind,))
+            if int in kinds and float in kinds:
+                kinds.remove(int)  # an integer is a number
+            text = " or ".join(name.get(k, k.__name__) for k in kinds)
+            bounds = self.bounds.describe()
+            text += f" {bounds}" if bounds else ""
         return text + (" (or null)" if self.nullable else "")
 
 
@@ -65,6 +86,7 @@ CORE_SCHEMA: dict[str, Rule] = {
     "trainer.checkpoint_every_steps": Rule(INT, low=1, nullable=True),
     "eval.n_bins": Rule(INT, low=1, high=10_000),
     "eval.batch_size": Rule(INT, low=1),
+    "eval.monitor": Rule(STR, choices=tuple(f"val/{k}" for k in METRIC_KEYS)),
     "dataset.name": Rule(STR),
     "dataset.root": Rule(STR),
     "dataset.fraction": Rule(NUM, low=0, high=1, low_open=True),
@@ -73,6 +95,7 @@ CORE_SCHEMA: dict[str, Rule] = {
     "dataset.augment": Rule(STR, choices=("default", "none")),
     "dataset.subset_seed": Rule(INT, low=0, nullable=True),
     "dataset.val_fraction": Rule(NUM, low=0, high=1),
+    "dataset.val_split": Rule(STR, choices=("none", "standard")),
     "hardware.device": Rule(STR),
     "hardware.amp": Rule(STR, choices=("auto", "off", "bf16", "fp16")),
     "hardware.compile": Rule(BOOL),
@@ -97,20 +120,18 @@ def _type_ok(value: Any, kind: type | tuple[type, ...]) -> bool:
 
 
 def check_value(key: str, value: Any, rule: Rule) -> None:
+    """Raise :class:`ConfigError` (one line: key, value, the allowed values) if ``value`` breaks
+    ``rule``."""
     if value is None:
         if rule.nullable:
             return
-        raise ConfigError(f"{key} must be {rule.describe()}, got null")
+        raise ConfigError(f"{key}=null is not allowed: must be {rule.describe()}")
     if not _type_ok(value, rule.kind):
         raise ConfigError(f"{key}={value!r} has the wrong type: must be {rule.describe()}")
     if rule.choices is not None and value not in rule.choices:
-        raise ConfigError(f"{key}={value!r} is not allowed: must be {rule.describe()}")
+        raise ConfigError(f"{key}={value!r} is not one of the choices: must be {rule.describe()}")
     if isinstance(value, (int, float)) and not isinstance(value, bool):
-        low_bad = rule.low is not None and (
-            value <= rule.low if rule.low_open else value < rule.low
-        )
-        high_bad = rule.high is not None and value > rule.high
-        if low_bad or high_bad:
+        if value not in rule.bounds:
             raise ConfigError(f"{key}={value!r} is out of range: must be {rule.describe()}")
 
 
@@ -138,7 +159,9 @@ def _annotation_rule(annotation: Any, default: Any) -> Rule | None:
         annotation = args[0]
         origin = typing.get_origin(annotation)
     if origin is typing.Literal:
-        return Rule(object, choices=typing.get_args(annotation), nullable=nullable)
+        choices = typing.get_args(annotation)
+        kinds = tuple(dict.fromkeys(type(c) for c in choices))
+        return Rule(kinds, choices=choices, nullable=nullable)
     if annotation is float:
         return Rule(NUM, nullable=nullable)
     if annotation in (int, bool, str):
@@ -146,38 +169,78 @@ def _annotation_rule(annotation: Any, default: Any) -> Rule | None:
     return None
 
 
-def check_target_node(path: str, node: DictConfig, runtime_args: tuple[str, ...] = ()) -> None:
-    """Check a ``_target_`` node's keys against the target's signature and ``ranges``."""
-    target = node.get("_target_")
-    try:
-        obj = get_object(target)
-    except Exception:
-        raise ConfigError(f"{path}._target_={target!r} cannot be imported") from None
+def _parameters(obj: Any) -> tuple[dict[str, inspect.Parameter], dict[str, Any]] | None:
+    """``(parameters, type hints)`` of a class's constructor or a function (None: unreadable)."""
     fn = obj.__init__ if inspect.isclass(obj) else obj
     try:
         sig = inspect.signature(fn)
         hints = typing.get_type_hints(fn)
     except (TypeError, ValueError, NameError):
-        return
-    params = {n: p for n, p in sig.parameters.items() if n != "self"}
-    open_kwargs = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
+        return None
+    return {n: p for n, p in sig.parameters.items() if n != "self"}, hints
+
+
+def knob_rules(obj: Any, runtime_args: tuple[str, ...] = ()) -> dict[str, Rule | None]:
+    """The declared :class:`Rule` of every configurable argument of ``obj`` (a class or a
+    function): the annotation's type, null and ``Literal`` choices, merged with the bounds in
+    ``obj.ranges``; ``None`` for an argument whose annotation cannot be checked simply."""
+    found = _parameters(obj)
+    if found is None:
+        return {}
+    params, hints = found
     ranges = getattr(obj, "ranges", {}) or {}
+    rules: dict[str, Rule | None] = {}
+    for name, param in params.items():
+        if name in runtime_args or param.kind in (param.VAR_POSITIONAL, param.VAR_KEYWORD):
+            continue
+        rule = _annotation_rule(hints.get(name, param.annotation), param.default)
+        if name in ranges:
+            bounds = Range.of(ranges[name])
+            rule = Rule(
+                rule.kind if rule is not None else NUM,
+                low=bounds.low,
+                high=bounds.high,
+                nullable=rule.nullable if rule is not None else False,
+                low_open=bounds.low_open,
+                high_open=bounds.high_open,
+            )
+        rules[name] = rule
+    return rules
+
+
+def check_target_node(path: str, node: DictConfig, runtime_args: tuple[str, ...] = ()) -> None:
+    """Check a ``_target_`` node's keys against the target's declarations (:func:`knob_rules`),
+    then the target's ``check_knobs(knobs)`` hook with every argument's value (config or
+    default)."""
+    target = node.get("_target_")
+    try:
+        obj = get_object(target)
+    except Exception:
+        raise ConfigError(f"{path}._target_={target!r} cannot be imported") from None
+    found = _parameters(obj)
+    if found is None:
+        return
+    params = found[0]
+    open_kwargs = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
+    rules = knob_rules(obj, runtime_args)
+    values = OmegaConf.to_container(node, resolve=True)
     for key in node:
         if str(key).startswith("_") or key in runtime_args:
             continue
         full = f"{path}.{key}"
-        if key not in params:
+        if key not in rules:
             if open_kwargs:
                 continue
-            allowed = ", ".join(n for n in params if n not in runtime_args and n not in ("args",))
+            allowed = ", ".join(rules)
             raise ConfigError(f"{full} is not an option of {target}; allowed: {allowed}")
-        value = OmegaConf.to_container(node, resolve=True)[key]
-        rule = _annotation_rule(hints.get(key, params[key].annotation), params[key].default)
+        rule, value = rules[key], values[key]
         if rule is not None and not isinstance(value, (list, dict)):
             check_value(full, value, rule)
-        if key in ranges and isinstance(value, (int, float)) and not isinstance(value, bool):
-            low, high = ranges[key]
-            check_value(full, value, Rule(NUM, low=low, high=high))
+    check_knobs = getattr(obj, "check_knobs", None)
+    if callable(check_knobs):
+        knobs = {n: p.default for n, p in params.items() if n in rules and p.default is not p.empty}
+        knobs.update((k, v) for k, v in values.items() if not str(k).startswith("_"))
+        check_knobs(knobs)
 
 
 RUNTIME_ARGS = {
@@ -208,3 +271,35 @@ def validate(cfg: DictConfig) -> None:
     tags = cfg.get("tags", [])
     if not isinstance(tags, (ListConfig, list)):
         raise ConfigError(f"tags={tags!r} must be a list, e.g. tags=[baseline,v2]")
+
+
+class ValidateBeforeRunDir(Callback):
+    """Hydra callback: validates a single run's config before Hydra creates its run dir (and
+    writes ``.hydra/``), so a rejected command exits with status 2 and one ``kdrun: error:``
+    line, leaving nothing behind."""
+
+    def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
+        try:
+            validate_composed(config)
+        except ConfigError as err:
+            print(f"kdrun: error: {err}", file=sys.stderr)
+            sys.exit(2)
+
+
+def validate_composed(config: DictConfig) -> None:
+    """:func:`validate` on a config with its ``hydra`` node, before the run starts: the run dir it
+    would get stands in for ``hydra.runtime.output_dir`` (nothing is created)."""
+    full = copy.deepcopy(config)
+    with read_write(full), open_dict(full):
+        run_dir = OmegaConf.select(full, "hydra.run.dir", default=None)
+        full.hydra.runtime.output_dir = os.path.abspath(str(run_dir or "."))
+    instance = HydraConfig.instance()
+    previous = instance.cfg
+    instance.set_config(full)
+    try:
+        task = copy.deepcopy(full)
+        with read_write(task), open_dict(task):
+            del task["hydra"]
+        validate(task)
+    finally:
+        instance.cfg = previous

@@ -66,19 +66,26 @@ class Console:
             self.progress = None
 
     def metrics_table(self, title: str, metrics: Mapping[str, float]) -> None:
+        """The final table: ``val/*``, ``test/*`` and ``test_at_best/*`` figures, the selection
+        (``val/<m>_best``; without a validation split the test-selected ``test/acc1_max``,
+        labelled so), ``params`` and ``train_time_s``."""
         table = Table(title=title)
         table.add_column("metric")
         table.add_column("value", justify="right")
-        for key in TABLE_KEYS:
-            for prefix in ("test/",):
+        for prefix in ("val/", "test/", "test_at_best/"):
+            for key in TABLE_KEYS:
                 full = prefix + key
                 if full in metrics and metrics[full] is not None:
                     v = metrics[full]
                     table.add_row(full, f"{100 * v:.2f}%" if key in PERCENT else f"{v:.4f}")
-        for key in ("test/acc1_best", "test/acc1_best_epoch", "params", "train_time_s"):
+        selection = [
+            k for k in metrics if k.startswith("val/") and k.endswith(("_best", "_best_epoch"))
+        ]
+        for key in [*selection, "test/acc1_max", "test/acc1_max_epoch", "params", "train_time_s"]:
             if key in metrics:
                 v = metrics[key]
-                table.add_row(key, f"{v:.4f}" if isinstance(v, float) else str(v))
+                label = f"{key} (test-selected)" if key.startswith("test/acc1_max") else key
+                table.add_row(label, f"{v:.4f}" if isinstance(v, float) else str(v))
         self.rich.print(table)
 
 

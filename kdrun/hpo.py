@@ -16,8 +16,9 @@ need, and the part that runs *inside* a trial:
   raising :class:`TrialPruned` (after the epoch's checkpoint is written) — the process marks the
   trial ``PRUNED`` in the study itself, so pruning works wherever the trial runs.
 * :func:`monitored_value`: the one place that maps ``hydra.sweeper.metric`` to a logged key.
-  The default ``val/acc1`` needs a validation split (``dataset.val_fraction > 0``); while the
-  per-epoch evaluation on that split is logged as ``test/*``, ``val/<m>`` reads ``test/<m>``.
+  The default ``val/acc1`` needs a validation split (``dataset.val_fraction > 0`` or
+  ``dataset.val_split=standard``), evaluated after every epoch as ``val/*``; with one, a
+  ``test/*`` metric is refused — the test set is evaluated once at the end and never tuned on.
 * :func:`prepare_resume`: ``n_trials`` is the study's total; trials left ``RUNNING`` by a killed
   sweep are failed and their parameters queued again (their run dirs resume from checkpoints).
 
@@ -191,18 +192,20 @@ def prepare_resume(study: optuna.Study, n_trials: int) -> int:
 
 # ----- the monitored metric ----------------------------------------------------------------------
 def metric_keys(metric: str, has_validation: bool) -> tuple[str, ...]:
-    """The logged keys that may hold ``metric``, in order (the one place for val/test naming).
+    """The logged keys that may hold ``metric`` (the one place for val/test naming).
 
-    ``val/<m>`` needs a validation split; it is logged as ``val/<m>``, or — while the per-epoch
-    evaluation on the validation split is still logged under ``test/`` — as ``test/<m>``."""
-    if not metric.startswith("val/"):
-        return (metric,)
-    if not has_validation:
+    ``val/<m>`` needs a validation split; with one, ``test/<m>`` is refused."""
+    if metric.startswith("val/") and not has_validation:
         raise ConfigError(
             f"hydra.sweeper.metric={metric} needs a validation split: set "
             "dataset.val_fraction=0.1 (or hydra.sweeper.metric=test/acc1 to tune on the test set)"
         )
-    return (metric, "test/" + metric[len("val/") :])
+    if has_validation and metric.split("/")[0] in ("test", "test_at_best"):
+        raise ConfigError(
+            f"hydra.sweeper.metric={metric} would tune on the test set although the run has a "
+            f"validation split: use hydra.sweeper.metric=val/{metric.split('/', 1)[1]}"
+        )
+    return (metric,)
 
 
 def monitored_value(metric: str, values: Mapping[str, Any], has_validation: bool) -> float | None:
@@ -247,7 +250,10 @@ def current_trial() -> TrialInfo | None:
 
 
 def has_validation_split(cfg: DictConfig) -> bool:
-    return float(cfg.dataset.get("val_fraction", 0.0) or 0.0) > 0
+    return (
+        float(cfg.dataset.get("val_fraction", 0.0) or 0.0) > 0
+        or cfg.dataset.get("val_split", "none") == "standard"
+    )
 
 
 def reported_history(run_dir: Path, metric: str, has_validation: bool) -> dict[int, float]:
@@ -336,11 +342,11 @@ def trial_callbacks(cfg: DictConfig, run_dir: Path) -> list[Any]:
 
 def objective(cfg: DictConfig, summary: Mapping[str, Any]) -> float | None:
     """The value a finished run returns to a sweeper: the monitored metric at the last epoch
-    (``hydra.sweeper.metric`` in a search, else the final top-1 accuracy)."""
+    (``hydra.sweeper.metric`` in a search, else the final top-1 accuracy: ``val/acc1`` with a
+    validation split — never a test figure then — else ``test/acc1``)."""
     if summary.get("pruned"):
         return None  # the trial process already told the study
     trial = current_trial()
-    if trial is None:
-        value = summary.get("test/acc1")
-        return None if value is None else float(value)
-    return monitored_value(trial.metric, summary, has_validation_split(cfg))
+    has_validation = has_validation_split(cfg)
+    metric = trial.metric if trial is not None else ("val/acc1" if has_validation else "test/acc1")
+    return monitored_value(metric, summary, has_validation)

@@ -41,7 +41,11 @@ IGNORED_KEYS = ("paths", "resume", "logger", "launcher", "tags", "name")
 IGNORED_NESTED = (("hardware", "num_workers"), ("trainer", "log_every"))
 #: (outer, inner, value): keys introduced later, hashed only when they differ from the value
 #: that behaves as before they existed
-NEUTRAL_WHEN = (("dataset", "val_fraction", 0.0),)
+NEUTRAL_WHEN = (
+    ("dataset", "val_fraction", 0.0),
+    ("dataset", "val_split", "none"),
+    ("eval", "monitor", "val/acc1"),
+)
 
 
 def fingerprint(cfg: DictConfig) -> str:

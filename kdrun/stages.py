@@ -9,6 +9,10 @@ trains a fresh model with ``method`` and returns it frozen in eval mode:
 
 * the stage logs under the prefix ``<name>/`` (``teacher/test/acc1``) into the same
   ``metrics.jsonl`` and W&B run, with steps that continue into the next stage;
+* the model returned is selected like any run's (:mod:`kdrun.engine`): with a validation split,
+  the epoch chosen on ``eval.monitor`` (the stage's ``best.ckpt``; the stage method's state,
+  e.g. per-sample counts, is the one after the last epoch); without one, the last epoch's model —
+  a stage never hands on a model picked on the test set;
 * it checkpoints into ``<run_dir>/<name>/checkpoints`` — a run killed during the stage resumes
   the stage; a run killed later finds the finished stage and does not retrain it;
 * the stage's steps count in the run's step axis whether it was trained or taken from the cache,
@@ -134,6 +138,10 @@ def stage_key(
     }
     parts["dataset"].pop("root", None)
     parts["dataset"].pop("loader", None)
+    if parts["dataset"].get("val_split", "none") == "none":
+        parts["dataset"].pop("val_split", None)  # entries written before the key existed
+    if ctx.data.has_validation:  # the stage hands on the model selected on validation
+        parts["select"] = ctx.settings.monitor
     blob = json.dumps(parts, sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
@@ -214,6 +222,8 @@ class StageRunner:
                 if self.resume:
                     state = ckpt.load_latest(stage_dir / "checkpoints")
                 trainer.fit(state)
+                if ctx.data.has_validation:
+                    _load_selected(trainer, name)
                 self.step_offset += trainer.global_step
                 metrics = trainer.final_metrics()
                 metrics[f"{name}/train_time_s"] = trainer.train_time_s
@@ -267,6 +277,26 @@ class StageRunner:
         except CheckpointError as err:
             log.warning("ignoring a bad stage cache entry: %s", err)
             return False
+
+
+def _load_selected(trainer: Trainer, name: str) -> None:
+    """Put the stage's ``best.ckpt`` (selected on ``eval.monitor``) into its model."""
+    distributed.barrier()  # rank 0 wrote it
+    path = trainer.ckpt_dir / "best.ckpt"
+    if not path.is_file():
+        raise CheckpointError(
+            f"{name}: no model was selected on {trainer.settings.monitor} ({path} is missing, "
+            "every validation value was NaN/inf): lower optim.lr or set trainer.grad_clip"
+        )
+    best = ckpt.load(path, map_location=trainer.device)
+    trainer.model.load_state_dict(best["model"])
+    log.info(
+        "%s: the model of epoch %d, selected on %s = %.4f",
+        name,
+        int(best["epoch"]),
+        trainer.settings.monitor,
+        float(best["value"]),
+    )
 
 
 def _steps_per_epoch(num_samples: int, settings: TrainerSettings) -> int:

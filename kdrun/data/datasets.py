@@ -3,19 +3,21 @@
 Contract
 --------
 ``build_datasets(name, root, fraction=1.0, seed=0, download=True, augment="default",
-subset_seed=None, val_fraction=0.0, **options) -> Datasets``
+subset_seed=None, val_fraction=0.0, val_split="none", **options) -> Datasets``
 
 * ``name`` is one of :data:`~kdrun.data.builders.DATASET_NAMES`; ``options`` are the dataset's own
   keys (:data:`~kdrun.data.builders.DATASET_OPTIONS`; ``loader`` is not a builder option and is
   ignored). Built by :data:`~kdrun.data.builders.BUILDERS` from files under ``root``; in-memory
   datasets come back as uint8 tensors, folder datasets as ``ImageFolder`` objects
   (:class:`~kdrun.data.spec.Datasets`).
-* ``val_fraction`` in [0, 1): evaluate on a fixed stratified held-out share of the training set
-  instead of the test set (:func:`~kdrun.data.splits.hold_out_validation`); ``fraction`` then
-  subsamples the remaining training samples.
+* ``val_fraction`` in [0, 1) (> 0), or ``val_split='standard'`` for the datasets with a
+  conventional split: a validation split, a fixed stratified share of the training set held out
+  into ``val_*`` beside the untouched test split (:func:`~kdrun.data.splits.hold_out_validation`;
+  ``val_fraction`` is fixed by ``subset_seed``, 0 when None). The two are exclusive.
+  ``fraction`` then subsamples the remaining training samples.
 * ``fraction`` in (0, 1]: keep a seeded stratified training subset chosen with ``subset_seed``, or
   the run ``seed`` when it is None (:func:`~kdrun.data.splits.keep_training_subset`). The
-  evaluation split is never subsampled.
+  validation and test splits are never subsampled.
 * ``augment='none'`` turns the dataset's standard training augmentation off (``'default'`` keeps
   it).
 * Every failure a user can cause or fix raises :class:`~kdrun.errors.DatasetError` with a
@@ -68,6 +70,7 @@ def build_datasets(
     augment: str = "default",
     subset_seed: int | None = None,
     val_fraction: float = 0.0,
+    val_split: str = "none",
     **options: Any,
 ) -> Datasets:
     """Build the train/evaluation data of dataset ``name`` with files under ``root``
@@ -77,13 +80,20 @@ def build_datasets(
     frac = check_fraction(fraction)
     val = _check_val_fraction(val_fraction)
     opts = _builder_options(name, options)
+    if val_split not in ("none", "standard"):
+        raise DatasetError(f"dataset.val_split={val_split!r} must be none or standard")
+    if val_split == "standard" and val > 0.0:
+        raise DatasetError(
+            "dataset.val_split=standard and dataset.val_fraction>0 both ask for a validation "
+            "split: set one of them (dataset.val_fraction=0 or dataset.val_split=none)"
+        )
     if augment not in ("default", "none"):
         raise DatasetError(f"dataset.augment={augment!r} must be default or none")
     root_str = os.path.abspath(os.path.expanduser(os.fspath(root)))
     data = BUILDERS[name](root_str, bool(download), **opts)
     if augment == "none":
         data.spec = dataclasses.replace(data.spec, augment="none")
-    if val > 0.0:
-        hold_out_validation(data, val)
+    if val > 0.0 or val_split == "standard":
+        hold_out_validation(data, val, 0 if subset_seed is None else subset_seed, val_split)
     keep_training_subset(data, frac, seed if subset_seed is None else subset_seed)
     return data

@@ -130,6 +130,7 @@ class WorkerTrainLoader:
 
 def eval_batches(
     data: Datasets,
+    split: str,
     device: torch.device,
     batch_size: int,
     loader: str,
@@ -137,11 +138,13 @@ def eval_batches(
     channels_last: bool = False,
     limit_batches: int | None = None,
 ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """The test set in order, normalised, without augmentation."""
-    if loader == "device" and data.test_images is not None:
-        n = data.test_targets.shape[0]
-        images = data.test_images.to(device)
-        targets = data.test_targets.to(device)
+    """Evaluation split ``split`` (``"val"`` or ``"test"``) in order, normalised, without
+    augmentation."""
+    source, targets = data.split(split)
+    if loader == "device" and isinstance(source, torch.Tensor):
+        n = targets.shape[0]
+        images = source.to(device)
+        targets = targets.to(device)
         for i, start in enumerate(range(0, n, batch_size)):
             if limit_batches and i >= limit_batches:
                 return
@@ -150,8 +153,7 @@ def eval_batches(
                 x = x.contiguous(memory_format=torch.channels_last)
             yield x, targets[start : start + batch_size]
         return
-    source = data.test_folder if data.test_folder is not None else data.test_images
-    dataset = EvalDataset(source, data.test_targets, data.spec)
+    dataset = EvalDataset(source, targets, data.spec)
     dl = torch.utils.data.DataLoader(
         dataset,
         batch_size=batch_size,

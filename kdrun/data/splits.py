@@ -5,13 +5,19 @@ Contract
 * :func:`stratified_subset` — the training subset of ``dataset.fraction`` (chosen with the run
   seed or ``dataset.subset_seed``); :func:`keep_training_subset` applies it to a
   :class:`~kdrun.data.spec.Datasets` in place. Sample indices are then positions in the subset,
-  ``0..N-1``; the evaluation split is never subsampled.
-* :func:`stratified_split` — a fixed-size stratified train/test split (the digits split, the
-  held-out validation split).
-* :func:`hold_out_validation` — ``dataset.val_fraction``: a stratified share of the training set
-  replaces the test set as the evaluation split (``test_*`` then hold the validation samples).
-  It is fixed by the data (split seed 0), not the run seed, so every trial of a search is scored
-  on the same samples.
+  ``0..N-1``; the validation and test splits are never subsampled.
+* :func:`stratified_split` — a fixed-size stratified train/held-out split (the digits split, the
+  validation splits).
+* :func:`hold_out_validation` — the validation split, a stratified share of the training set
+  moved into ``val_*`` (the test split is kept as it is):
+
+  - ``dataset.val_fraction`` > 0: ``ceil(val_fraction * N)`` samples, split seed
+    ``dataset.subset_seed`` (0 when it is null) — fixed by the data, not the run seed, so every
+    seed and every trial of a search is scored on the same samples;
+  - ``dataset.val_split=standard``: the dataset's conventional held-out share of its training
+    set, :data:`STANDARD_VAL_SIZES` samples with split seed 0 (CIFAR-10/100: 45,000 train /
+    5,000 val, 500 or 50 per class; Tiny ImageNet: 90,000 / 10,000, 50 per class; ImageNet:
+    50,000 of the training images, about 39 per class in proportion to the class sizes).
 * Selection is deterministic: CPU generators seeded with the given seed, classes visited in
   increasing label order, returned indices sorted.
 """
@@ -29,12 +35,21 @@ from kdrun.data.views import subset_folder
 from kdrun.errors import DatasetError
 
 __all__ = [
+    "STANDARD_VAL_SIZES",
     "check_fraction",
     "hold_out_validation",
     "keep_training_subset",
     "stratified_split",
     "stratified_subset",
 ]
+
+#: ``dataset.val_split=standard``: validation samples held out of each dataset's training set.
+STANDARD_VAL_SIZES: dict[str, int] = {
+    "cifar10": 5_000,
+    "cifar100": 5_000,
+    "tiny_imagenet": 10_000,
+    "imagenet": 50_000,
+}
 
 
 def check_fraction(fraction: Any) -> float:
@@ -74,9 +89,10 @@ def stratified_subset(targets: torch.Tensor, fraction: float, seed: int) -> torc
 
 
 def stratified_split(
-    targets: torch.Tensor, test_fraction: float, seed: int
+    targets: torch.Tensor, test_fraction: float, seed: int, n_test: int | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Seeded stratified train/test split with exactly ``ceil(test_fraction * N)`` test samples.
+    """Seeded stratified train/test split with exactly ``ceil(test_fraction * N)`` test samples
+    (or ``n_test`` when given; ``test_fraction`` is then ``n_test / N``).
 
     The per-class test counts are ``floor(test_fraction * n_c)`` plus one for the classes with the
     largest remainders (ties: lower label first) until the total is reached.
@@ -84,7 +100,10 @@ def stratified_split(
     targets = targets.reshape(-1)
     classes = torch.unique(targets).tolist()
     counts = [int((targets == c).sum()) for c in classes]
-    n_test = math.ceil(test_fraction * targets.numel())
+    if n_test is None:
+        n_test = math.ceil(test_fraction * targets.numel())
+    else:
+        test_fraction = n_test / max(targets.numel(), 1)
     exact = [test_fraction * n for n in counts]
     per_class = [math.floor(e) for e in exact]
     order = sorted(range(len(classes)), key=lambda i: (-(exact[i] - per_class[i]), i))
@@ -100,23 +119,40 @@ def stratified_split(
     return torch.sort(torch.cat(train_idx)).values, torch.sort(torch.cat(test_idx)).values
 
 
-def hold_out_validation(data: Datasets, val_fraction: float) -> None:
-    """Replace the test split by a fixed stratified held-out share of the training split."""
-    train_idx, val_idx = stratified_split(data.train_targets, val_fraction, seed=0)
+def hold_out_validation(
+    data: Datasets, val_fraction: float = 0.0, seed: int = 0, val_split: str = "none"
+) -> None:
+    """Move a fixed stratified share of the training split into the validation split
+    (``dataset.val_fraction`` or ``dataset.val_split=standard``; see the module docstring)."""
+    if val_split == "standard":
+        size = STANDARD_VAL_SIZES.get(data.spec.name)
+        if size is None:
+            raise DatasetError(
+                f"dataset={data.spec.name} has no standard validation split "
+                f"(dataset.val_split=standard is for {', '.join(STANDARD_VAL_SIZES)}): "
+                "use dataset.val_fraction=0.1 instead"
+            )
+        train_idx, val_idx = stratified_split(
+            data.train_targets, 0.0, seed=0, n_test=min(size, data.num_train - 1)
+        )
+        what = "dataset.val_split=standard"
+    else:
+        train_idx, val_idx = stratified_split(data.train_targets, val_fraction, seed=seed)
+        what = f"dataset.val_fraction={val_fraction}"
     if train_idx.numel() == 0 or val_idx.numel() == 0:
         raise DatasetError(
-            f"dataset.val_fraction={val_fraction} leaves no training or no validation samples "
-            f"of {data.num_train}; choose a fraction between them"
+            f"{what} leaves no training or no validation samples of {data.num_train}; "
+            "choose a fraction between them"
         )
     targets = data.train_targets
-    data.test_targets = targets[val_idx].contiguous()
+    data.val_targets = targets[val_idx].contiguous()
     data.train_targets = targets[train_idx].contiguous()
     if data.train_images is not None:
-        data.test_images = data.train_images[val_idx].contiguous()
+        data.val_images = data.train_images[val_idx].contiguous()
         data.train_images = data.train_images[train_idx].contiguous()
     if data.train_folder is not None:
-        data.test_folder = copy.copy(data.train_folder)
-        subset_folder(data.test_folder, val_idx)
+        data.val_folder = copy.copy(data.train_folder)
+        subset_folder(data.val_folder, val_idx)
         subset_folder(data.train_folder, train_idx)
 
 
