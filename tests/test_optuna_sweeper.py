@@ -86,11 +86,14 @@ def test_samplers_and_pruners_by_name():
 
 def test_the_monitored_metric_maps_val_to_the_logged_key():
     record = {"epoch": 2, "test/acc1": 0.8, "train/loss": 1.0}
-    assert hpo.monitored_value("val/acc1", record, has_validation=True) == 0.8
     assert hpo.monitored_value("val/acc1", {"val/acc1": 0.7, **record}, True) == 0.7
+    assert hpo.monitored_value("val/acc1", record, has_validation=True) is None  # never test/*
+    assert hpo.monitored_value("test/acc1", record, has_validation=False) == 0.8
     assert hpo.monitored_value("test/nll", record, has_validation=False) is None
     with pytest.raises(ConfigError, match=r"needs a validation split: set dataset.val_fraction"):
         hpo.monitored_value("val/acc1", record, has_validation=False)
+    with pytest.raises(ConfigError, match=r"would tune on the test set .*metric=val/acc1"):
+        hpo.monitored_value("test/acc1", record, has_validation=True)
 
 
 def test_prepare_resume_counts_only_trials_that_ended_on_their_own(tmp_path):
