@@ -132,10 +132,8 @@ def hold_out_validation(
                 f"(dataset.val_split=standard is for {', '.join(STANDARD_VAL_SIZES)}): "
                 "use dataset.val_fraction=0.1 instead"
             )
-        train_idx, val_idx = stratified_split(
-            data.train_targets, 0.0, seed=0, n_test=min(size, data.num_train - 1)
-        )
-        what = "dataset.val_split=standard"
+        train_idx, val_idx = stratified_split(data.train_targets, 0.0, seed=0, n_test=size)
+        what = f"dataset.val_split=standard ({size} samples)"
     else:
         train_idx, val_idx = stratified_split(data.train_targets, val_fraction, seed=seed)
         what = f"dataset.val_fraction={val_fraction}"
