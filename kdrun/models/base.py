@@ -50,6 +50,7 @@ __all__ = [
     "StagedModel",
     "conv3x3",
     "conv1x1",
+    "halving_strides",
     "init_module",
     "make_stem",
     "resolve_image_size",
@@ -70,6 +71,12 @@ def conv3x3(in_channels: int, out_channels: int, stride: int = 1) -> nn.Conv2d:
 def conv1x1(in_channels: int, out_channels: int, stride: int = 1) -> nn.Conv2d:
     """1x1 convolution without bias (projection shortcuts)."""
     return nn.Conv2d(in_channels, out_channels, 1, stride=stride, bias=False)
+
+
+def halving_strides(num_stages: int) -> list[int]:
+    """Stage strides ``[1, 2, 2, ...]``: the first stage keeps the stem's resolution, every later
+    one halves it."""
+    return [1] + [2] * (num_stages - 1)
 
 
 def resolve_image_size(image_size: int | Sequence[int]) -> int:
@@ -149,8 +156,9 @@ def init_module(module: nn.Module, zero_init_residual: bool = False) -> nn.Modul
 class StagedModel(nn.Module):
     """Backbone = stem -> stages[0..L-1] -> global pool -> classifier. forward(x) -> logits.
 
-    Subclasses build ``stem`` and ``stages`` and then call ``_finish(...)``, and implement
-    ``_build_stage`` (and ``_make_final_norm`` when the net is pre-activation).
+    Subclasses build their stem (usually with ``_resolve_stem``), implement ``_make_block`` (or
+    ``_build_stage`` for stages that are not a chain of blocks) and call ``_finish(...)``, which
+    builds the stages from the plan, the final norm (BN+ReLU when ``preact``) and the classifier.
     """
 
     stem: nn.Module
@@ -166,22 +174,47 @@ class StagedModel(nn.Module):
     zero_init_residual: bool = False
 
     # ----------------------------------------------------------------- construction helpers
+    def _resolve_stem(
+        self,
+        stem: str,
+        image_size: int | Sequence[int],
+        in_channels: int,
+        stem_channels: int,
+        *,
+        norm: bool = True,
+    ) -> nn.Sequential:
+        """Pick the stem kind for the input (``resolve_stem``), record it as ``stem_kind`` and
+        build it (``make_stem``)."""
+        self.stem_kind = resolve_stem(stem, resolve_image_size(image_size))
+        return make_stem(self.stem_kind, in_channels, stem_channels, norm=norm)
+
     def _finish(
         self,
         *,
         stem: nn.Module,
-        stages: Sequence[nn.Module],
         stem_channels: int,
         stage_channels: Sequence[int],
         stage_strides: Sequence[int],
         stage_blocks: Sequence[int],
         num_classes: int,
+        stages: Sequence[nn.Module] | None = None,
         init: bool = True,
     ) -> None:
-        if not (len(stages) == len(stage_channels) == len(stage_strides) == len(stage_blocks)):
-            raise ValueError("stages, stage_channels, stage_strides, stage_blocks differ in length")
+        """Register stem, stages, final norm and classifier (in that order), then initialise.
+
+        ``stages=None`` builds them from the plan: stage ``l`` maps the previous width (the stem's
+        for ``l = 0``) to ``stage_channels[l]`` with ``_build_stage``.
+        """
+        if not len(stage_channels) == len(stage_strides) == len(stage_blocks):
+            raise ValueError("stage_channels, stage_strides, stage_blocks differ in length")
         if num_classes < 1:
             raise ValueError(f"num_classes must be >= 1, got {num_classes}")
+        if stages is None:
+            widths_in = [stem_channels, *stage_channels[:-1]]
+            plan = zip(widths_in, stage_channels, stage_strides, stage_blocks)
+            stages = [self._build_stage(int(i), int(o), int(s), int(n)) for i, o, s, n in plan]
+        if len(stages) != len(stage_channels):
+            raise ValueError("stages and stage_channels differ in length")
         self.stem = stem
         self.stages = nn.ModuleList(stages)
         self.stem_channels = int(stem_channels)
@@ -195,13 +228,24 @@ class StagedModel(nn.Module):
             init_module(self, self.zero_init_residual)
 
     def _make_final_norm(self, channels: int) -> nn.Module:
-        """BN+ReLU applied before pooling; Identity for post-activation nets."""
+        """BN+ReLU applied before pooling for pre-activation nets; Identity otherwise."""
+        if self.preact:
+            return nn.Sequential(nn.BatchNorm2d(channels), nn.ReLU(inplace=True))
         return nn.Identity()
+
+    def _make_block(self, in_channels: int, out_channels: int, stride: int) -> nn.Module:
+        """One block of this model's type (``in_channels -> out_channels`` at ``stride``)."""
+        raise NotImplementedError
 
     def _build_stage(
         self, in_channels: int, out_channels: int, stride: int, num_blocks: int
-    ) -> nn.Module:
-        raise NotImplementedError
+    ) -> nn.Sequential:
+        """``num_blocks`` blocks in a row: the first one changes width and stride, the others
+        keep ``out_channels`` at stride 1."""
+        return nn.Sequential(
+            self._make_block(in_channels, out_channels, stride),
+            *(self._make_block(out_channels, out_channels, 1) for _ in range(num_blocks - 1)),
+        )
 
     # ----------------------------------------------------------------- metadata
     @property

@@ -32,17 +32,17 @@ from typing import Literal
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from kdrun.models.base import (
-    StagedModel,
-    StemChoice,
-    conv1x1,
-    conv3x3,
-    make_stem,
-    resolve_image_size,
-    resolve_stem,
-)
+from kdrun.models.base import StagedModel, StemChoice, conv1x1, conv3x3, halving_strides
 
-__all__ = ["BasicBlock", "Bottleneck", "PreActBlock", "PreActResNet", "ResNet", "ShortcutA"]
+__all__ = [
+    "BasicBlock",
+    "Bottleneck",
+    "PreActBlock",
+    "PreActResNet",
+    "ResNet",
+    "ShortcutA",
+    "projection_shortcut",
+]
 
 
 class ShortcutA(nn.Module):
@@ -63,10 +63,39 @@ class ShortcutA(nn.Module):
         return x
 
 
-class BasicBlock(nn.Module):
+def projection_shortcut(in_channels: int, out_channels: int, stride: int) -> nn.Module:
+    """Identity where the block keeps the shape, else a 1x1 conv + BN projection ("option B")."""
+    if stride == 1 and in_channels == out_channels:
+        return nn.Identity()
+    return nn.Sequential(conv1x1(in_channels, out_channels, stride), nn.BatchNorm2d(out_channels))
+
+
+class _PostActivationBlock(nn.Module):
+    """A residual branch that ends in a BN, added to the shortcut, then ReLU.
+
+    Subclasses build ``relu``, ``shortcut`` and the branch (``residual``); ``last_bn`` names the
+    branch's final BN, which ``zero_init_last`` zeroes so that the block starts as the identity.
+    """
+
+    last_bn: str
+    relu: nn.ReLU
+    shortcut: nn.Module
+
+    def residual(self, x: Tensor) -> Tensor:
+        raise NotImplementedError
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.relu(self.residual(x) + self.shortcut(x))
+
+    def zero_init_last(self) -> None:
+        nn.init.zeros_(getattr(self, self.last_bn).weight)
+
+
+class BasicBlock(_PostActivationBlock):
     """conv3x3-BN-ReLU-conv3x3-BN (+ shortcut) -> ReLU."""
 
     expansion = 1
+    last_bn = "bn2"
 
     def __init__(
         self, in_channels: int, out_channels: int, stride: int = 1, shortcut: str = "B"
@@ -77,30 +106,23 @@ class BasicBlock(nn.Module):
         self.conv2 = conv3x3(out_channels, out_channels)
         self.bn2 = nn.BatchNorm2d(out_channels)
         self.relu = nn.ReLU(inplace=True)
-        if stride == 1 and in_channels == out_channels:
-            self.shortcut: nn.Module = nn.Identity()
-        elif shortcut == "B":
-            self.shortcut = nn.Sequential(
-                conv1x1(in_channels, out_channels, stride), nn.BatchNorm2d(out_channels)
-            )
-        elif shortcut == "A":
-            self.shortcut = ShortcutA(in_channels, out_channels, stride)
-        else:
+        if shortcut not in ("A", "B"):
             raise ValueError(f"shortcut must be 'A' or 'B', got {shortcut!r}")
+        reshapes = stride != 1 or in_channels != out_channels
+        if shortcut == "A" and reshapes:
+            self.shortcut: nn.Module = ShortcutA(in_channels, out_channels, stride)
+        else:
+            self.shortcut = projection_shortcut(in_channels, out_channels, stride)
 
-    def forward(self, x: Tensor) -> Tensor:
-        out = self.relu(self.bn1(self.conv1(x)))
-        out = self.bn2(self.conv2(out))
-        return self.relu(out + self.shortcut(x))
-
-    def zero_init_last(self) -> None:
-        nn.init.zeros_(self.bn2.weight)
+    def residual(self, x: Tensor) -> Tensor:
+        return self.bn2(self.conv2(self.relu(self.bn1(self.conv1(x)))))
 
 
-class Bottleneck(nn.Module):
+class Bottleneck(_PostActivationBlock):
     """1x1 reduce -> 3x3 (strided) -> 1x1 expand, BN after each; width = out_channels / 4."""
 
     expansion = 4
+    last_bn = "bn3"
 
     def __init__(self, in_channels: int, out_channels: int, stride: int = 1) -> None:
         super().__init__()
@@ -114,21 +136,12 @@ class Bottleneck(nn.Module):
         self.conv3 = conv1x1(width, out_channels)
         self.bn3 = nn.BatchNorm2d(out_channels)
         self.relu = nn.ReLU(inplace=True)
-        if stride == 1 and in_channels == out_channels:
-            self.shortcut: nn.Module = nn.Identity()
-        else:
-            self.shortcut = nn.Sequential(
-                conv1x1(in_channels, out_channels, stride), nn.BatchNorm2d(out_channels)
-            )
+        self.shortcut = projection_shortcut(in_channels, out_channels, stride)
 
-    def forward(self, x: Tensor) -> Tensor:
+    def residual(self, x: Tensor) -> Tensor:
         out = self.relu(self.bn1(self.conv1(x)))
         out = self.relu(self.bn2(self.conv2(out)))
-        out = self.bn3(self.conv3(out))
-        return self.relu(out + self.shortcut(x))
-
-    def zero_init_last(self) -> None:
-        nn.init.zeros_(self.bn3.weight)
+        return self.bn3(self.conv3(out))
 
 
 class PreActBlock(nn.Module):
@@ -164,8 +177,12 @@ class PreActBlock(nn.Module):
         return out + residual
 
 
-def _preact_final_norm(channels: int) -> nn.Module:
-    return nn.Sequential(nn.BatchNorm2d(channels), nn.ReLU(inplace=True))
+def _layers_and_widths(layers: Sequence[int], widths: Sequence[int]) -> tuple[list[int], list[int]]:
+    """``layers`` (blocks per stage) and ``widths`` as lists; one entry per stage in both."""
+    layers, widths = list(layers), list(widths)
+    if len(layers) != len(widths):
+        raise ValueError("layers and widths must have the same length")
+    return layers, widths
 
 
 class ResNet(StagedModel):
@@ -201,36 +218,20 @@ class ResNet(StagedModel):
         blocks = {"basic": BasicBlock, "bottleneck": Bottleneck}
         if block not in blocks:
             raise ValueError(f"block must be 'basic' or 'bottleneck', got {block!r}")
-        layers, widths = list(layers), list(widths)
-        if len(layers) != len(widths):
-            raise ValueError("layers and widths must have the same length")
+        layers, widths = _layers_and_widths(layers, widths)
         self.block = blocks[block]
         self.zero_init_residual = bool(zero_init_residual)
-        self.stem_kind = resolve_stem(stem, resolve_image_size(image_size))
-        stem_mod = make_stem(self.stem_kind, in_channels, stem_channels)
-        channels = [w * self.block.expansion for w in widths]
-        strides = [1] + [2] * (len(widths) - 1)
-        stages, c_in = [], stem_channels
-        for c, s, n in zip(channels, strides, layers):
-            stages.append(self._build_stage(c_in, c, s, n))
-            c_in = c
         self._finish(
-            stem=stem_mod,
-            stages=stages,
+            stem=self._resolve_stem(stem, image_size, in_channels, stem_channels),
             stem_channels=stem_channels,
-            stage_channels=channels,
-            stage_strides=strides,
+            stage_channels=[w * self.block.expansion for w in widths],
+            stage_strides=halving_strides(len(widths)),
             stage_blocks=layers,
             num_classes=num_classes,
         )
 
-    def _build_stage(
-        self, in_channels: int, out_channels: int, stride: int, num_blocks: int
-    ) -> nn.Module:
-        return nn.Sequential(
-            self.block(in_channels, out_channels, stride),
-            *(self.block(out_channels, out_channels) for _ in range(num_blocks - 1)),
-        )
+    def _make_block(self, in_channels: int, out_channels: int, stride: int) -> nn.Module:
+        return self.block(in_channels, out_channels, stride)
 
 
 class PreActResNet(StagedModel):
@@ -255,33 +256,15 @@ class PreActResNet(StagedModel):
         stem: StemChoice = "auto",
     ) -> None:
         super().__init__()
-        layers, widths = list(layers), list(widths)
-        if len(layers) != len(widths):
-            raise ValueError("layers and widths must have the same length")
-        self.stem_kind = resolve_stem(stem, resolve_image_size(image_size))
-        stem_mod = make_stem(self.stem_kind, in_channels, stem_channels, norm=False)
-        strides = [1] + [2] * (len(widths) - 1)
-        stages, c_in = [], stem_channels
-        for c, s, n in zip(widths, strides, layers):
-            stages.append(self._build_stage(c_in, c, s, n))
-            c_in = c
+        layers, widths = _layers_and_widths(layers, widths)
         self._finish(
-            stem=stem_mod,
-            stages=stages,
+            stem=self._resolve_stem(stem, image_size, in_channels, stem_channels, norm=False),
             stem_channels=stem_channels,
             stage_channels=widths,
-            stage_strides=strides,
+            stage_strides=halving_strides(len(widths)),
             stage_blocks=layers,
             num_classes=num_classes,
         )
 
-    def _make_final_norm(self, channels: int) -> nn.Module:
-        return _preact_final_norm(channels)
-
-    def _build_stage(
-        self, in_channels: int, out_channels: int, stride: int, num_blocks: int
-    ) -> nn.Module:
-        return nn.Sequential(
-            PreActBlock(in_channels, out_channels, stride),
-            *(PreActBlock(out_channels, out_channels) for _ in range(num_blocks - 1)),
-        )
+    def _make_block(self, in_channels: int, out_channels: int, stride: int) -> nn.Module:
+        return PreActBlock(in_channels, out_channels, stride)

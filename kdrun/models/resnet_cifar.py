@@ -24,13 +24,7 @@ from typing import Literal
 
 from torch import nn
 
-from kdrun.models.base import (
-    StagedModel,
-    StemChoice,
-    make_stem,
-    resolve_image_size,
-    resolve_stem,
-)
+from kdrun.models.base import StagedModel, StemChoice, halving_strides
 from kdrun.models.resnet import BasicBlock
 
 __all__ = ["CifarResNet"]
@@ -76,30 +70,14 @@ class CifarResNet(StagedModel):
         self.depth = depth
         self.shortcut_option = shortcut
         self.zero_init_residual = bool(zero_init_residual)
-        self.stem_kind = resolve_stem(stem, resolve_image_size(image_size))
-        stem_mod = make_stem(self.stem_kind, in_channels, stem_channels)
-        strides = [1] + [2] * (len(channels) - 1)
-        stages, c_in = [], stem_channels
-        for c, s in zip(channels, strides):
-            stages.append(self._build_stage(c_in, c, s, n))
-            c_in = c
         self._finish(
-            stem=stem_mod,
-            stages=stages,
+            stem=self._resolve_stem(stem, image_size, in_channels, stem_channels),
             stem_channels=stem_channels,
             stage_channels=channels,
-            stage_strides=strides,
+            stage_strides=halving_strides(len(channels)),
             stage_blocks=[n] * len(channels),
             num_classes=num_classes,
         )
 
-    def _build_stage(
-        self, in_channels: int, out_channels: int, stride: int, num_blocks: int
-    ) -> nn.Module:
-        return nn.Sequential(
-            BasicBlock(in_channels, out_channels, stride, self.shortcut_option),
-            *(
-                BasicBlock(out_channels, out_channels, 1, self.shortcut_option)
-                for _ in range(num_blocks - 1)
-            ),
-        )
+    def _make_block(self, in_channels: int, out_channels: int, stride: int) -> nn.Module:
+        return BasicBlock(in_channels, out_channels, stride, self.shortcut_option)

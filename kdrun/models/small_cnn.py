@@ -98,13 +98,8 @@ class SmallCNN(StagedModel):
         strides = list(strides)
         if len(strides) != len(channels):
             raise ValueError("strides and channels must have the same length")
-        stages, c_in = [], stem_channels
-        for c, s in zip(channels, strides):
-            stages.append(self._build_stage(c_in, c, s, convs_per_stage))
-            c_in = c
         self._finish(
             stem=stem_mod,
-            stages=stages,
             stem_channels=stem_channels,
             stage_channels=channels,
             stage_strides=strides,
@@ -112,10 +107,5 @@ class SmallCNN(StagedModel):
             num_classes=num_classes,
         )
 
-    def _build_stage(
-        self, in_channels: int, out_channels: int, stride: int, num_blocks: int
-    ) -> nn.Module:
-        return nn.Sequential(
-            _conv_bn_relu(in_channels, out_channels, stride),
-            *(_conv_bn_relu(out_channels, out_channels, 1) for _ in range(num_blocks - 1)),
-        )
+    def _make_block(self, in_channels: int, out_channels: int, stride: int) -> nn.Module:
+        return _conv_bn_relu(in_channels, out_channels, stride)

@@ -95,33 +95,34 @@ class TorchvisionResNet(StagedModel):
         layers = [tv.layer1, tv.layer2, tv.layer3, tv.layer4]
         self._finish(
             stem=nn.Sequential(conv1, tv.bn1, tv.relu, maxpool),
-            stages=layers,
             stem_channels=stem_channels,
             stage_channels=[_out_channels(layer) for layer in layers],
             stage_strides=[1, 2, 2, 2],
             stage_blocks=[len(layer) for layer in layers],
             num_classes=num_classes,
+            stages=layers,
             init=False,  # torchvision already initialised everything (Kaiming, fan_out)
         )
         self.classifier = tv.fc  # keep torchvision's fc (same shape, same default init)
 
-    def _build_stage(
-        self, in_channels: int, out_channels: int, stride: int, num_blocks: int
-    ) -> nn.Module:
+    def _make_block(self, in_channels: int, out_channels: int, stride: int) -> nn.Module:
         exp = self.block.expansion
         if out_channels % exp:
             raise ValueError(f"out_channels must be a multiple of {exp} for {self.arch}")
-        planes = out_channels // exp
         downsample = None
         if stride != 1 or in_channels != out_channels:
             downsample = nn.Sequential(
                 nn.Conv2d(in_channels, out_channels, 1, stride=stride, bias=False),
                 nn.BatchNorm2d(out_channels),
             )
-        kw = {"groups": self._groups, "base_width": self._base_width}
-        return nn.Sequential(
-            self.block(in_channels, planes, stride, downsample, **kw),
-            *(self.block(out_channels, planes, **kw) for _ in range(num_blocks - 1)),
+        planes = out_channels // exp
+        return self.block(
+            in_channels,
+            planes,
+            stride,
+            downsample,
+            groups=self._groups,
+            base_width=self._base_width,
         )
 
     def load_torchvision_state_dict(self, state_dict: Mapping[str, Tensor], strict: bool = True):

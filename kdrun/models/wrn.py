@@ -14,14 +14,8 @@ from __future__ import annotations
 
 from torch import nn
 
-from kdrun.models.base import (
-    StagedModel,
-    StemChoice,
-    make_stem,
-    resolve_image_size,
-    resolve_stem,
-)
-from kdrun.models.resnet import PreActBlock, _preact_final_norm
+from kdrun.models.base import StagedModel, StemChoice
+from kdrun.models.resnet import PreActBlock
 
 __all__ = ["WideResNet"]
 
@@ -59,35 +53,15 @@ class WideResNet(StagedModel):
             raise ValueError(f"dropout must be in [0, 1), got {dropout}")
         n = (depth - 4) // 6
         self.depth, self.widen_factor, self.dropout = depth, widen_factor, float(dropout)
-        self.stem_kind = resolve_stem(stem, resolve_image_size(image_size))
         stem_channels = 16
-        stem_mod = make_stem(self.stem_kind, in_channels, stem_channels, norm=False)
-        channels = [16 * widen_factor, 32 * widen_factor, 64 * widen_factor]
-        strides = [1, 2, 2]
-        stages, c_in = [], stem_channels
-        for c, s in zip(channels, strides):
-            stages.append(self._build_stage(c_in, c, s, n))
-            c_in = c
         self._finish(
-            stem=stem_mod,
-            stages=stages,
+            stem=self._resolve_stem(stem, image_size, in_channels, stem_channels, norm=False),
             stem_channels=stem_channels,
-            stage_channels=channels,
-            stage_strides=strides,
+            stage_channels=[16 * widen_factor, 32 * widen_factor, 64 * widen_factor],
+            stage_strides=[1, 2, 2],
             stage_blocks=[n] * 3,
             num_classes=num_classes,
         )
 
-    def _make_final_norm(self, channels: int) -> nn.Module:
-        return _preact_final_norm(channels)
-
-    def _build_stage(
-        self, in_channels: int, out_channels: int, stride: int, num_blocks: int
-    ) -> nn.Module:
-        return nn.Sequential(
-            PreActBlock(in_channels, out_channels, stride, self.dropout),
-            *(
-                PreActBlock(out_channels, out_channels, 1, self.dropout)
-                for _ in range(num_blocks - 1)
-            ),
-        )
+    def _make_block(self, in_channels: int, out_channels: int, stride: int) -> nn.Module:
+        return PreActBlock(in_channels, out_channels, stride, self.dropout)
