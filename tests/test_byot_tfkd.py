@@ -106,8 +106,12 @@ def test_tfkd_reg_reference_code_variant_matches_authors_loss(a, T, alpha):
 
 @pytest.mark.parametrize("a", [0.0, 1.0])
 def test_tfkd_reg_rejects_degenerate_teacher(a):
-    with pytest.raises(ValueError):
-        TFKDReg(num_classes=10, num_samples=1, a=a)
+    from kdrun.config import validate
+    from kdrun.errors import ConfigError
+    from tests.method_utils import compose_cfg
+
+    with pytest.raises(ConfigError, match=r"method.a=.* must be a number in \(0, 1\)"):
+        validate(compose_cfg(["method=tf_kd_reg", f"method.a={a}"]))
 
 
 # ----------------------------------------------------------------------------------------- BYOT

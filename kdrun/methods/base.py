@@ -16,12 +16,29 @@ asks which method it runs. A method:
   :class:`StageRunner`;
 * says which module is evaluated and exported (:meth:`eval_model`: the bare backbone).
 
+Knobs (the YAML's arguments) are declared, never checked by hand: ``kdrun.config.validate`` checks
+every one before the run dir exists, from these declarations only:
+
+* the type is the constructor annotation: ``int``, ``float`` (an integer is fine), ``bool``,
+  ``str``, ``X | None`` (null allowed; so is a ``None`` default);
+* choices are a ``Literal[...]`` annotation: ``loss: Literal["kd", "mse"] = "kd"``;
+* numeric bounds are the class's ``ranges``: ``{"T": Range(0, None, low_open=True)}`` is
+  ``T > 0``, ``Range(0, 1)`` is ``[0, 1]``, ``Range(0, 1, low_open=True, high_open=True)`` is
+  ``(0, 1)``; ends are closed unless marked open, ``None`` leaves a side unbounded, and a plain
+  ``(low, high)`` tuple is shorthand for ``Range(low, high)`` (both ends closed);
+* a constraint that no single declaration can say (between knobs, or against a list known only
+  when the run starts, such as the model options) goes in :meth:`Method.check_knobs`, which
+  ``validate`` calls with every knob's value.
+
+A constructor trusts its knobs and only checks the runtime facts (``num_classes``, the model).
+
 Logged values in ``StepOutput.logs`` are detached 0-d tensors; the engine accumulates them on the
 device and only synchronises at logging intervals.
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar, Protocol
 
@@ -59,13 +76,60 @@ class StageRunner(Protocol):
     def run_stage(self, name: str, method: Method, **overrides: Any) -> nn.Module: ...
 
 
+@dataclass(frozen=True)
+class Range:
+    """The allowed interval of a numeric knob: ``low <= x <= high`` with closed ends, ``<`` at an
+    end marked open; ``None`` leaves that side unbounded."""
+
+    low: float | None = None
+    high: float | None = None
+    low_open: bool = False
+    high_open: bool = False
+
+    @classmethod
+    def of(cls, spec: Range | tuple[float | None, float | None]) -> Range:
+        """A ``Range`` as is; a ``(low, high)`` tuple as ``Range(low, high)`` (closed ends)."""
+        return spec if isinstance(spec, Range) else cls(*spec)
+
+    def __contains__(self, value: float) -> bool:
+        if value != value:  # NaN is in no range
+            return False
+        if self.low is not None and (value <= self.low if self.low_open else value < self.low):
+            return False
+        return self.high is None or (value < self.high if self.high_open else value <= self.high)
+
+    def describe(self) -> str:
+        """``"> 0"``, ``">= 1"``, ``"<= 1"``, ``"in [0, 1]"``, ``"in (0, 1)"`` (``""`` if open)."""
+        if self.low is not None and self.high is not None:
+            left, right = "(" if self.low_open else "[", ")" if self.high_open else "]"
+            return f"in {left}{self.low}, {self.high}{right}"
+        if self.low is not None:
+            return f"{'>' if self.low_open else '>='} {self.low}"
+        if self.high is not None:
+            return f"{'<' if self.high_open else '<='} {self.high}"
+        return ""
+
+
+#: a temperature, a strictly positive number
+POSITIVE = Range(0, None, low_open=True)
+#: a weight or a probability
+UNIT = Range(0, 1)
+#: a non-negative weight
+NON_NEGATIVE = Range(0, None)
+
+
 class Method(nn.Module):
-    """Base class. Subclasses set ``name`` and may set ``ranges`` for config validation."""
+    """Base class. Subclasses set ``name`` and declare their knobs (see the module docstring)."""
 
     name: ClassVar[str] = "method"
-    #: inclusive (low, high) bounds per constructor argument, checked before any work starts;
-    #: ``None`` leaves a side open.
-    ranges: ClassVar[dict[str, tuple[float | None, float | None]]] = {}
+    #: numeric bounds per constructor argument (a :class:`Range` or a closed ``(low, high)``)
+    ranges: ClassVar[Mapping[str, Range | tuple[float | None, float | None]]] = {}
+
+    @classmethod
+    def check_knobs(cls, knobs: Mapping[str, Any]) -> None:
+        """Constraints the declarations cannot say; ``knobs`` holds every constructor argument
+        except ``num_classes``/``num_samples`` (the config's value or the default). Raise
+        :class:`~kdrun.errors.ConfigError` with one line naming ``method.<key>`` and the fix."""
 
     def __init__(self, *, num_classes: int, num_samples: int) -> None:
         super().__init__()

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch.nn.functional as F
 from torch import nn
 
-from kdrun.methods.base import Batch, Method, StepOutput
+from kdrun.methods.base import UNIT, Batch, Method, StepOutput
 
 
 class CrossEntropy(Method):
@@ -23,7 +23,7 @@ class LabelSmoothing(Method):
     """``label_smoothing``: target ``(1 - eps) onehot(y) + eps / C``. Default ``eps = 0.1``."""
 
     name = "label_smoothing"
-    ranges = {"eps": (0.0, 1.0)}
+    ranges = {"eps": UNIT}
 
     def __init__(self, *, num_classes: int, num_samples: int, eps: float = 0.1) -> None:
         super().__init__(num_classes=num_classes, num_samples=num_samples)

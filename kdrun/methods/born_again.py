@@ -53,8 +53,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from kdrun.errors import ConfigError
-from kdrun.methods.base import Batch, Method, StepOutput, kd_loss
+from kdrun.methods.base import POSITIVE, UNIT, Batch, Method, Range, StepOutput, kd_loss
 from kdrun.methods.basic import CrossEntropy
 
 #: seed offset of generation k's initialisation is GEN_SEED_OFFSET + k (main run: 0)
@@ -121,7 +120,7 @@ class BornAgain(Method):
     trains the last one. See the module docstring."""
 
     name = "born_again"
-    ranges = {"generations": (1, None), "alpha": (0.0, 1.0), "T": (0.0, None)}
+    ranges = {"generations": Range(1, None), "alpha": UNIT, "T": POSITIVE}
 
     def __init__(
         self,
@@ -134,12 +133,6 @@ class BornAgain(Method):
         loss: Literal["kd", "mse"] = "kd",
     ) -> None:
         super().__init__(num_classes=num_classes, num_samples=num_samples)
-        if int(generations) < 1:
-            raise ConfigError(f"method.generations={generations} must be >= 1")
-        if T <= 0:
-            raise ConfigError(f"method.T={T} must be > 0")
-        if loss not in ("kd", "mse"):
-            raise ConfigError(f"method.loss={loss!r} must be kd or mse")
         self.generations = int(generations)
         self.alpha, self.T, self.loss = float(alpha), float(T), loss
         object.__setattr__(self, "teacher", None)  # generation G-2, set by prepare()

@@ -72,7 +72,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from kdrun.methods.base import Batch, Method, StepOutput, kd_loss
+from kdrun.methods.base import NON_NEGATIVE, POSITIVE, UNIT, Batch, Method, StepOutput, kd_loss
 from kdrun.models.base import conv1x1, conv3x3, init_module
 
 
@@ -150,7 +150,7 @@ class BYOT(Method):
     """``byot``: auxiliary exits after stages 1..L-1 distilled from the deep classifier."""
 
     name = "byot"
-    ranges = {"alpha": (0.0, 1.0), "T": (0.0, None), "beta": (0.0, None)}
+    ranges = {"alpha": UNIT, "T": POSITIVE, "beta": NON_NEGATIVE}
 
     def __init__(
         self,
@@ -162,8 +162,6 @@ class BYOT(Method):
         beta: float = 1e-6,
     ) -> None:
         super().__init__(num_classes=num_classes, num_samples=num_samples)
-        if T <= 0:
-            raise ValueError(f"T must be positive, got {T}")
         self.alpha, self.T, self.beta = float(alpha), float(T), float(beta)
         self.exits = nn.ModuleList()
 

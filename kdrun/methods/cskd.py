@@ -52,7 +52,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from kdrun.data.samplers import BatchSampler, epoch_generator
-from kdrun.methods.base import Batch, Method, StepOutput, kd_loss
+from kdrun.methods.base import NON_NEGATIVE, POSITIVE, Batch, Method, StepOutput, kd_loss
 
 _PARTNER_SALT = 1  # the partner draw uses its own (seed, epoch) stream, independent of the order
 
@@ -139,7 +139,7 @@ class CSKD(Method):
     """``cs_kd``: CE on anchors + ``lam * KD_T`` toward a same-class partner's prediction."""
 
     name = "cs_kd"
-    ranges = {"T": (1e-3, None), "lam": (0.0, None)}
+    ranges = {"T": POSITIVE, "lam": NON_NEGATIVE}
 
     def __init__(
         self, *, num_classes: int, num_samples: int, T: float = 4.0, lam: float = 1.0

@@ -59,7 +59,7 @@ from torch import nn
 
 from kdrun import distributed
 from kdrun.data.samplers import BatchSampler, epoch_generator
-from kdrun.methods.base import Batch, Method, StepOutput, kd_loss
+from kdrun.methods.base import NON_NEGATIVE, POSITIVE, Batch, Method, StepOutput, kd_loss
 
 
 class OverlapBatchSampler(BatchSampler):
@@ -201,7 +201,7 @@ class DLB(Method):
     """``dlb``: CE + ``alpha * KD_T`` of the repeated half toward its last-step logits."""
 
     name = "dlb"
-    ranges = {"T": (1e-3, None), "alpha": (0.0, None)}
+    ranges = {"T": POSITIVE, "alpha": NON_NEGATIVE}
 
     def __init__(
         self, *, num_classes: int, num_samples: int, T: float = 3.0, alpha: float = 1.0

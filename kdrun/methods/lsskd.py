@@ -92,7 +92,16 @@ import torch.nn.functional as F
 from torch import nn
 
 from kdrun.methods.bank import DTYPES, SampleBank
-from kdrun.methods.base import Batch, Method, StepOutput, kd_loss, soft_cross_entropy
+from kdrun.methods.base import (
+    NON_NEGATIVE,
+    POSITIVE,
+    UNIT,
+    Batch,
+    Method,
+    StepOutput,
+    kd_loss,
+    soft_cross_entropy,
+)
 from kdrun.methods.pskd import pskd_alpha
 from kdrun.models.base import conv1x1, conv3x3, init_module
 
@@ -230,12 +239,7 @@ class LSSKD(Method):
     """``lsskd``: rotation-augmented auxiliary heads with progressive soft targets (§4)."""
 
     name = "lsskd"
-    ranges = {
-        "alpha_T": (0.0, 1.0),
-        "tau": (0.0, None),
-        "beta": (0.0, None),
-        "gamma": (0.0, None),
-    }
+    ranges = {"alpha_T": UNIT, "tau": POSITIVE, "beta": NON_NEGATIVE, "gamma": NON_NEGATIVE}
 
     def __init__(
         self,
@@ -254,10 +258,6 @@ class LSSKD(Method):
         bank_device: Literal["auto", "cpu_pinned"] = "auto",
     ) -> None:
         super().__init__(num_classes=num_classes, num_samples=num_samples)
-        if tau <= 0:
-            raise ValueError(f"lsskd: tau must be positive, got {tau}")
-        if head not in ("copy", "bottleneck"):
-            raise ValueError(f"lsskd: head must be 'copy' or 'bottleneck', got {head!r}")
         self.alpha_T, self.tau = float(alpha_T), float(tau)
         self.beta, self.gamma = float(beta), float(gamma)
         self.soften_aux, self.use_kl, self.use_feat = bool(soften_aux), bool(use_kl), bool(use_feat)

@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from kdrun.methods.bank import SampleBank
-from kdrun.methods.base import Batch, Method, StepOutput, soft_cross_entropy
+from kdrun.methods.base import UNIT, Batch, Method, StepOutput, soft_cross_entropy
 
 
 def pskd_alpha(alpha_T: float, epoch: int, epochs: int) -> float:
@@ -40,7 +40,7 @@ def pskd_alpha(alpha_T: float, epoch: int, epochs: int) -> float:
 
 class PSKD(Method):
     name = "ps_kd"
-    ranges = {"alpha_T": (0.0, 1.0)}
+    ranges = {"alpha_T": UNIT}
 
     def __init__(
         self,

@@ -110,6 +110,7 @@ from __future__ import annotations
 
 import logging
 import sys
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, ClassVar, Literal
 
@@ -122,13 +123,12 @@ from kdrun import distributed
 from kdrun.data.samplers import BatchSampler
 from kdrun.errors import CheckpointError, ConfigError
 from kdrun.methods.bank import SampleBank
-from kdrun.methods.base import Batch, Method, StepOutput, kd_loss
+from kdrun.methods.base import POSITIVE, UNIT, Batch, Method, Range, StepOutput, kd_loss
 
 log = logging.getLogger("kdrun")
 
 #: the teacher's initialisation uses seed + TEACHER_SEED_OFFSET (the student: seed + 0)
 TEACHER_SEED_OFFSET = 1000
-REDUCTIONS = ("batch", "participants")
 NORMALIZATIONS = ("mean_nonzero", "epochs", "max")
 MODEL_CONF = Path(__file__).resolve().parents[1] / "conf" / "model"
 
@@ -289,7 +289,7 @@ class SelfRegulatedTeacher(_Accounting):
     sample's participations (significance ``s``, bank ``significance``)."""
 
     name = "self_regulated"
-    ranges = {"beta": (0.0, 1.0)}
+    ranges = {"beta": UNIT}
     counts_name: ClassVar[str] = "significance"
 
     def __init__(
@@ -301,7 +301,6 @@ class SelfRegulatedTeacher(_Accounting):
         reduction: Literal["batch", "participants"] = "batch",
     ) -> None:
         super().__init__(num_classes=num_classes, num_samples=num_samples)
-        _check_rule(beta, reduction, "teacher_")
         self.beta, self.reduction = float(beta), reduction
         self.significance = SampleBank(num_samples, dtype="int32")
 
@@ -334,21 +333,19 @@ class SelfRegulatedTeacher(_Accounting):
         return out
 
 
-def _check_rule(beta: float, reduction: str, prefix: str = "") -> None:
-    if not 0.0 <= float(beta) <= 1.0:
-        raise ConfigError(f"method.{prefix}beta={beta} must be in [0, 1]")
-    if reduction not in REDUCTIONS:
-        raise ConfigError(f"method.{prefix}reduction={reduction!r} must be one of {REDUCTIONS}")
+def _teacher_model_path(name: str) -> Path:
+    """``conf/model/<name>.yaml``; a :class:`ConfigError` naming the options if there is none."""
+    path = MODEL_CONF / f"{name}.yaml"
+    if not path.is_file():
+        options = ", ".join(sorted(p.stem for p in MODEL_CONF.glob("*.yaml")))
+        raise ConfigError(f"method.teacher_model={name!r} is not a model option; one of {options}")
+    return path
 
 
 def _model_cfg(name: str | None) -> DictConfig | None:
     if not name:
         return None
-    path = MODEL_CONF / f"{name}.yaml"
-    if not path.is_file():
-        options = ", ".join(sorted(p.stem for p in MODEL_CONF.glob("*.yaml")))
-        raise ConfigError(f"method.teacher_model={name!r} is not a model option; one of {options}")
-    cfg = OmegaConf.load(path)
+    cfg = OmegaConf.load(_teacher_model_path(name))
     assert isinstance(cfg, DictConfig)
     return cfg
 
@@ -384,12 +381,7 @@ class _Student(_Accounting):
 
     uses_significance: ClassVar[bool] = False
     uses_rule: ClassVar[bool] = False
-    ranges = {
-        "alpha": (0.0, 1.0),
-        "T": (0.0, None),
-        "teacher_beta": (0.0, 1.0),
-        "teacher_epochs": (1, None),
-    }
+    ranges = {"alpha": UNIT, "T": POSITIVE, "teacher_beta": UNIT, "teacher_epochs": Range(1, None)}
 
     def __init__(
         self,
@@ -409,16 +401,6 @@ class _Student(_Accounting):
         normalize: str = "mean_nonzero",
     ) -> None:
         super().__init__(num_classes=num_classes, num_samples=num_samples)
-        if T <= 0:
-            raise ConfigError(f"method.T={T} must be > 0")
-        if not 0.0 <= alpha <= 1.0:
-            raise ConfigError(f"method.alpha={alpha} must be in [0, 1]")
-        if teacher_epochs is not None and int(teacher_epochs) < 1:
-            raise ConfigError(f"method.teacher_epochs={teacher_epochs} must be >= 1 (or null)")
-        _check_rule(teacher_beta, teacher_reduction, "teacher_")
-        _check_rule(beta, reduction)
-        if normalize not in NORMALIZATIONS:
-            raise ConfigError(f"method.normalize={normalize!r} must be one of {NORMALIZATIONS}")
         self.alpha, self.T = float(alpha), float(T)
         self.teacher_beta, self.teacher_reduction = float(teacher_beta), teacher_reduction
         self.teacher_epochs = int(teacher_epochs) if teacher_epochs is not None else None
@@ -433,6 +415,12 @@ class _Student(_Accounting):
         self.teacher_stats: dict[str, Any] | None = None  # from prepare()
         self.teacher_trained_epochs = 0  # E_T of the counts in use
         object.__setattr__(self, "teacher", None)  # set by prepare(), never a submodule
+
+    @classmethod
+    def check_knobs(cls, knobs: Mapping[str, Any]) -> None:
+        """``teacher_model`` names a model option (the files in ``conf/model``)."""
+        if knobs.get("teacher_model"):
+            _teacher_model_path(str(knobs["teacher_model"]))
 
     @property
     def counts(self) -> SampleBank:  # type: ignore[override]
@@ -738,7 +726,7 @@ class RegulatedStudent(_Student):
 
     name = "regulated"
     uses_rule = True
-    ranges = {**_Student.ranges, "beta": (0.0, 1.0)}
+    ranges = {**_Student.ranges, "beta": UNIT}
 
     def __init__(
         self,
@@ -778,7 +766,7 @@ class HybridStudent(_Student):
     name = "hybrid"
     uses_significance = True
     uses_rule = True
-    ranges = {**_Student.ranges, "beta": (0.0, 1.0)}
+    ranges = {**_Student.ranges, "beta": UNIT}
 
     def __init__(
         self,

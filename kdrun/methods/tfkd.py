@@ -62,14 +62,28 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from kdrun.methods.base import Batch, Method, StepOutput, kd_loss
+from kdrun.methods.base import (
+    NON_NEGATIVE,
+    POSITIVE,
+    UNIT,
+    Batch,
+    Method,
+    Range,
+    StepOutput,
+    kd_loss,
+)
 
 
 class TFKDReg(Method):
     """``tf_kd_reg``: ``(1-alpha) CE(z, y) + alpha * multiplier * KD_T(z, log q_virtual)``."""
 
     name = "tf_kd_reg"
-    ranges = {"a": (0.0, 1.0), "T": (0.0, None), "alpha": (0.0, 1.0), "multiplier": (0.0, None)}
+    ranges = {
+        "a": Range(0, 1, low_open=True, high_open=True),  # log q needs 0 < a < 1
+        "T": POSITIVE,
+        "alpha": UNIT,
+        "multiplier": NON_NEGATIVE,
+    }
 
     def __init__(
         self,
@@ -85,12 +99,6 @@ class TFKDReg(Method):
         super().__init__(num_classes=num_classes, num_samples=num_samples)
         if self.num_classes < 2:
             raise ValueError(f"tf_kd_reg needs at least 2 classes, got {self.num_classes}")
-        if not 0.0 < a < 1.0:
-            raise ValueError(f"a must be in the open interval (0, 1), got {a}")
-        if T <= 0:
-            raise ValueError(f"T must be positive, got {T}")
-        if variant not in ("spec", "reference_code"):
-            raise ValueError(f"variant must be 'spec' or 'reference_code', got {variant!r}")
         self.a, self.T, self.alpha = float(a), float(T), float(alpha)
         self.multiplier, self.variant = float(multiplier), variant
         self.p_true = self.a
@@ -165,7 +173,7 @@ class TFKDSelf(Method):
     """
 
     name = "tf_kd_self"
-    ranges = {"alpha": (0.0, 1.0), "T": (0.0, None)}
+    ranges = {"alpha": UNIT, "T": POSITIVE}
 
     def __init__(
         self,
@@ -177,10 +185,6 @@ class TFKDSelf(Method):
         teacher_ckpt: str | None = None,
     ) -> None:
         super().__init__(num_classes=num_classes, num_samples=num_samples)
-        from kdrun.errors import ConfigError
-
-        if T <= 0:
-            raise ConfigError(f"method.T={T} must be > 0")
         self.alpha, self.T = float(alpha), float(T)
         self.teacher_ckpt = str(teacher_ckpt) if teacher_ckpt else None
         object.__setattr__(self, "teacher", None)  # set by prepare(), never a submodule
