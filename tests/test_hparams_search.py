@@ -20,6 +20,7 @@ from omegaconf import OmegaConf
 
 from tests.conftest import run_kdrun
 from tests.test_cli import wait_for_glob
+from tests.test_slurm import slurm_cluster  # noqa: F401  (the fixture)
 
 optuna = pytest.importorskip("optuna")
 from optuna.trial import TrialState  # noqa: E402
@@ -216,3 +217,32 @@ def test_two_trials_at_once_share_the_study_file(tmp_path):
         assert sorted(trial.intermediate_values) == [1, 2]
     (a_start, a_end), (b_start, b_end) = (_interval(d) for d in dirs)
     assert a_start <= b_end and b_start <= a_end  # the two processes ran at the same time
+
+
+@pytest.mark.slurm
+def test_trials_as_slurm_jobs_report_and_prune_through_the_study_file(slurm_cluster, tmp_path):  # noqa: F811
+    from tests.test_slurm import finish, submit
+
+    sweep = tmp_path / "sweep"
+    args = [
+        *BASE,
+        "launcher=slurm",
+        "launcher.timeout_min=10",
+        f"hydra.sweep.dir={sweep}",
+        "trainer.epochs=3",
+        "hydra.sweeper.n_trials=2",
+        "hydra.sweeper.n_jobs=2",
+        "hydra.sweeper.pruner=threshold",
+        "+hydra.sweeper.pruner_options.lower=1.01",
+    ]
+    out = finish(submit(slurm_cluster, args, tmp_path), slurm_cluster, timeout=400)
+    study = load_study(tmp_path)
+    # each job, a SLURM task, pruned its own trial in the shared study file
+    assert [t.state for t in study.trials] == [TrialState.PRUNED] * 2, out[-3000:]
+    for trial in study.trials:
+        run_dir = Path(trial.user_attrs["run_dir"])
+        assert run_dir.parent == sweep.resolve()
+        info = json.loads((run_dir / "run.json").read_text())
+        assert info["status"] == "pruned" and info["slurm_job_id"], info
+        assert sorted(trial.intermediate_values) == [1, 2]
+    assert "#SBATCH --array=0-1%" in next(sweep.glob(".submitit/*/*_submission.sh")).read_text()
