@@ -91,30 +91,19 @@ def save_reliability_diagram(
     gap_face, gap_edge = (0.87, 0.52, 0.32, 0.35), "#C44E52"
     over = [i for i in full if cnf[i] >= acc[i]]
     under = [i for i in full if cnf[i] < acc[i]]
-    ax.bar(
-        [left[i] for i in over],
-        [cnf[i] - acc[i] for i in over],
-        bottom=[acc[i] for i in over],
-        width=width,
-        align="edge",
-        facecolor=gap_face,
-        edgecolor=gap_edge,
-        hatch="//",
-        lw=0.8,
-        zorder=2,
-    )
-    ax.bar(
-        [left[i] for i in under],
-        [acc[i] - cnf[i] for i in under],
-        bottom=[cnf[i] for i in under],
-        width=width,
-        align="edge",
-        facecolor="none",
-        edgecolor="#F4A582",
-        hatch="//",
-        lw=0.8,
-        zorder=2.5,
-    )
+    for bins, face, edge, z in ((over, gap_face, gap_edge, 2), (under, "none", "#F4A582", 2.5)):
+        ax.bar(
+            [left[i] for i in bins],
+            [abs(cnf[i] - acc[i]) for i in bins],
+            bottom=[min(acc[i], cnf[i]) for i in bins],
+            width=width,
+            align="edge",
+            facecolor=face,
+            edgecolor=edge,
+            hatch="//",
+            lw=0.8,
+            zorder=z,
+        )
     handles, _ = ax.get_legend_handles_labels()
     handles.append(
         Patch(
