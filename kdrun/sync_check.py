@@ -42,7 +42,7 @@ from __future__ import annotations
 
 import sys
 from collections import Counter
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -98,38 +98,28 @@ def _is_bool_index(indices: Any) -> bool:
     )
 
 
-class _Dispatch(TorchDispatchMode):
-    def __init__(self, counter: HostSyncCounter) -> None:
+class _ForwardToCounter:
+    """Base of the two torch modes below: each forwards its hook to one handler of the counter
+    (``handler(func, args, kwargs)`` runs ``func`` and returns its result)."""
+
+    def __init__(self, handler: Callable[[Any, tuple, dict], Any]) -> None:
         super().__init__()
-        self.counter = counter
+        self.handler = handler
+
+
+class _Dispatch(_ForwardToCounter, TorchDispatchMode):
+    """Every ATen call, to :meth:`HostSyncCounter._on_aten_call`."""
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        kwargs = kwargs or {}
-        kind = self.counter._classify(func, args, kwargs)
-        if kind is not None:
-            self.counter._record(str(func), kind)
-        return func(*args, **kwargs)
+        return self.handler(func, args, kwargs or {})
 
 
-class _OneHot(TorchFunctionMode):
-    """Marks the inside of ``F.one_hot(cpu_labels, num_classes)`` (CPU-only host checks)."""
-
-    def __init__(self, counter: HostSyncCounter) -> None:
-        super().__init__()
-        self.counter = counter
+class _OneHot(_ForwardToCounter, TorchFunctionMode):
+    """Every torch function call, to :meth:`HostSyncCounter._on_torch_function` (which marks the
+    inside of ``F.one_hot(cpu_labels, num_classes)``: CPU-only host checks)."""
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
-        kwargs = kwargs or {}
-        if func is not torch.nn.functional.one_hot:
-            return func(*args, **kwargs)
-        labels = args[0] if args else kwargs.get("input")
-        num_classes = args[1] if len(args) > 1 else kwargs.get("num_classes", -1)
-        cpu_only_check = labels.device.type == "cpu" and num_classes != -1
-        self.counter._inside_one_hot += cpu_only_check
-        try:
-            return func(*args, **kwargs)
-        finally:
-            self.counter._inside_one_hot -= cpu_only_check
+        return self.handler(func, args, kwargs or {})
 
 
 class HostSyncCounter:
@@ -144,7 +134,7 @@ class HostSyncCounter:
         #: the CPU-only label checks of ``F.one_hot`` with ``num_classes`` (not host syncs on GPU)
         self.excused: list[HostSync] = []
         self._inside_one_hot = 0
-        self._modes = (_OneHot(self), _Dispatch(self))
+        self._modes = (_OneHot(self._on_torch_function), _Dispatch(self._on_aten_call))
         self._saved: dict[str, Any] = {}
 
     # ----- what counts ------------------------------------------------------------------------
@@ -176,6 +166,24 @@ class HostSyncCounter:
             dst, src = args[0], args[1]
             return "device-to-host" if dst.device.type == "cpu" and self._watched(src) else None
         return None
+
+    def _on_aten_call(self, func, args: tuple, kwargs: dict) -> Any:
+        kind = self._classify(func, args, kwargs)
+        if kind is not None:
+            self._record(str(func), kind)
+        return func(*args, **kwargs)
+
+    def _on_torch_function(self, func, args: tuple, kwargs: dict) -> Any:
+        if func is not torch.nn.functional.one_hot:
+            return func(*args, **kwargs)
+        labels = args[0] if args else kwargs.get("input")
+        num_classes = args[1] if len(args) > 1 else kwargs.get("num_classes", -1)
+        cpu_only_check = labels.device.type == "cpu" and num_classes != -1
+        self._inside_one_hot += cpu_only_check
+        try:
+            return func(*args, **kwargs)
+        finally:
+            self._inside_one_hot -= cpu_only_check
 
     def _record(self, op: str, kind: str) -> None:
         event = HostSync(op, kind, self.region, _caller())
