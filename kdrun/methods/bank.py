@@ -89,22 +89,21 @@ class SampleBank(nn.Module):
     @torch.no_grad()
     def write(self, index: torch.Tensor, values: torch.Tensor, sync: bool = True) -> None:
         """Store ``values`` at ``index`` (all ranks' pairs when distributed and ``sync``)."""
-        values = values.detach()
-        if sync and distributed.is_initialized():
-            index = distributed.all_gather_cat(index)
-            values = distributed.all_gather_cat(values)
-        idx = self._index(index)
-        self.values.index_copy_(0, idx, values.to(self.values.device, self.values.dtype))
-        self.written.index_fill_(0, idx, True)
+        self._scatter(torch.Tensor.index_copy_, index, values.detach(), sync)
 
     @torch.no_grad()
     def add(self, index: torch.Tensor, values: torch.Tensor, sync: bool = True) -> None:
         """Accumulate ``values`` at ``index`` (counters); duplicates in ``index`` add up."""
+        self._scatter(torch.Tensor.index_add_, index, values, sync)
+
+    def _scatter(self, op, index: torch.Tensor, values: torch.Tensor, sync: bool) -> None:
+        """``op(self.values, 0, index, values)`` (``index_copy_`` or ``index_add_``) over every
+        rank's pairs when distributed and ``sync``; marks the rows written."""
         if sync and distributed.is_initialized():
             index = distributed.all_gather_cat(index)
             values = distributed.all_gather_cat(values)
         idx = self._index(index)
-        self.values.index_add_(0, idx, values.to(self.values.device, self.values.dtype))
+        op(self.values, 0, idx, values.to(self.values.device, self.values.dtype))
         self.written.index_fill_(0, idx, True)
 
     @torch.no_grad()
