@@ -19,6 +19,7 @@ Both take their batches from a :class:`~kdrun.data.samplers.BatchSampler`, suppo
 from __future__ import annotations
 
 from collections.abc import Iterator
+from typing import Any
 
 import torch
 
@@ -31,39 +32,71 @@ from kdrun.errors import ConfigError
 Triple = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
 
 
-class DeviceTrainLoader:
+def _memory_format(x: torch.Tensor, channels_last: bool) -> torch.Tensor:
+    """``x`` in channels-last layout when asked (a copy), else ``x`` itself."""
+    return x.contiguous(memory_format=torch.channels_last) if channels_last else x
+
+
+class TrainLoader:
+    """What both train loaders share.
+
+    ``TrainLoader(data, sampler, device, seed, *, channels_last=False, limit_batches=None)``;
+    ``len()`` is the sampler's number of batches, capped at ``limit_batches``; ``set_epoch``
+    reshuffles; ``iter_from(step)`` yields the epoch's ``(x, y, index)`` batches from ``step`` on
+    (mid-epoch resume), ``iter()`` from the start.
+    """
+
     def __init__(
         self,
         data: Datasets,
         sampler: BatchSampler,
         device: torch.device,
         seed: int,
-        augment: bool = True,
+        *,
         channels_last: bool = False,
         limit_batches: int | None = None,
     ) -> None:
-        self.images = data.train_images.to(device)
-        self.targets = data.train_targets.to(device)
-        self.spec = data.spec
         self.sampler, self.device, self.seed = sampler, device, int(seed)
-        self.augment, self.channels_last = augment, channels_last
+        self.channels_last = channels_last
         self.limit_batches = limit_batches
         self.epoch = 0
-
-        self.offsets: torch.Tensor | None = None
-        self.flips: torch.Tensor | None = None
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = int(epoch)
         self.sampler.set_epoch(epoch)
-        if self.augment and self.spec.augment != "none":
-            gen = aug.seeded_generator(self.device, self.seed, self.epoch)
-            n = self.targets.shape[0]
-            self.offsets, self.flips = aug.draw_crop_flip(n, self.spec, gen)
 
     def __len__(self) -> int:
         n = len(self.sampler)
         return min(n, self.limit_batches) if self.limit_batches else n
+
+    def iter_from(self, start: int = 0) -> Iterator[Triple]:
+        raise NotImplementedError
+
+    def __iter__(self) -> Iterator[Triple]:
+        return self.iter_from(0)
+
+    def _memory_format(self, x: torch.Tensor) -> torch.Tensor:
+        return _memory_format(x, self.channels_last)
+
+
+class DeviceTrainLoader(TrainLoader):
+    """The ``TrainLoader`` arguments plus ``augment`` (crop/flip as the dataset spec says)."""
+
+    def __init__(self, data: Datasets, *args: Any, augment: bool = True, **kwargs: Any) -> None:
+        super().__init__(data, *args, **kwargs)
+        self.images = data.train_images.to(self.device)
+        self.targets = data.train_targets.to(self.device)
+        self.spec = data.spec
+        self.augment = augment
+        self.offsets: torch.Tensor | None = None
+        self.flips: torch.Tensor | None = None
+
+    def set_epoch(self, epoch: int) -> None:
+        super().set_epoch(epoch)
+        if self.augment and self.spec.augment != "none":
+            gen = aug.seeded_generator(self.device, self.seed, self.epoch)
+            n = self.targets.shape[0]
+            self.offsets, self.flips = aug.draw_crop_flip(n, self.spec, gen)
 
     def iter_from(self, start: int = 0) -> Iterator[Triple]:
         for step, index in enumerate(self.sampler.iter_from(start), start=start):
@@ -76,38 +109,23 @@ class DeviceTrainLoader:
                 x = aug.crop_flip(raw, self.spec, offsets, self.flips.index_select(0, index))
             else:
                 x = aug.normalize_batch(raw, self.spec)
-            if self.channels_last:
-                x = x.contiguous(memory_format=torch.channels_last)
-            yield x, self.targets.index_select(0, index), index
-
-    def __iter__(self) -> Iterator[Triple]:
-        return self.iter_from(0)
+            yield self._memory_format(x), self.targets.index_select(0, index), index
 
 
-class WorkerTrainLoader:
-    def __init__(
-        self,
-        data: Datasets,
-        sampler: BatchSampler,
-        device: torch.device,
-        seed: int,
-        num_workers: int = 2,
-        channels_last: bool = False,
-        limit_batches: int | None = None,
-    ) -> None:
+class WorkerTrainLoader(TrainLoader):
+    """The ``TrainLoader`` arguments plus ``num_workers`` (DataLoader worker processes)."""
+
+    def __init__(self, data: Datasets, *args: Any, num_workers: int = 2, **kwargs: Any) -> None:
+        super().__init__(data, *args, **kwargs)
         source = data.train_folder if data.train_folder is not None else data.train_images
-        self.dataset = IndexedDataset(source, data.train_targets, data.spec, seed=seed, train=True)
-        self.sampler, self.device = sampler, device
-        self.num_workers, self.channels_last = int(num_workers), channels_last
-        self.limit_batches = limit_batches
+        self.dataset = IndexedDataset(
+            source, data.train_targets, data.spec, seed=self.seed, train=True
+        )
+        self.num_workers = int(num_workers)
 
     def set_epoch(self, epoch: int) -> None:
-        self.sampler.set_epoch(epoch)
+        super().set_epoch(epoch)
         self.dataset.set_epoch(epoch)
-
-    def __len__(self) -> int:
-        n = len(self.sampler)
-        return min(n, self.limit_batches) if self.limit_batches else n
 
     def iter_from(self, start: int = 0) -> Iterator[Triple]:
         batches = [b.tolist() for b in self.sampler.iter_from(start)][: max(len(self) - start, 0)]
@@ -119,13 +137,8 @@ class WorkerTrainLoader:
             persistent_workers=False,
         )
         for x, y, index in loader:
-            x = x.to(self.device, non_blocking=True)
-            if self.channels_last:
-                x = x.contiguous(memory_format=torch.channels_last)
+            x = self._memory_format(x.to(self.device, non_blocking=True))
             yield x, y.to(self.device, non_blocking=True), index.to(self.device, non_blocking=True)
-
-    def __iter__(self) -> Iterator[Triple]:
-        return self.iter_from(0)
 
 
 def eval_batches(
@@ -149,9 +162,7 @@ def eval_batches(
             if limit_batches and i >= limit_batches:
                 return
             x = aug.normalize_batch(images[start : start + batch_size], data.spec)
-            if channels_last:
-                x = x.contiguous(memory_format=torch.channels_last)
-            yield x, targets[start : start + batch_size]
+            yield _memory_format(x, channels_last), targets[start : start + batch_size]
         return
     dataset = EvalDataset(source, targets, data.spec)
     dl = torch.utils.data.DataLoader(
@@ -164,9 +175,7 @@ def eval_batches(
     for i, (x, y) in enumerate(dl):
         if limit_batches and i >= limit_batches:
             return
-        x = x.to(device, non_blocking=True)
-        if channels_last:
-            x = x.contiguous(memory_format=torch.channels_last)
+        x = _memory_format(x.to(device, non_blocking=True), channels_last)
         yield x, y.to(device, non_blocking=True)
 
 
