@@ -33,8 +33,18 @@ GUIDE = ROOT / "CONTRIBUTING.md"
 FILE_BLOCK = re.compile(r"^```[a-z]+\n# ([\w./-]+\.(?:py|yaml))\n(.*?)^```$", re.M | re.S)
 EMPTY_FILES = ("my_kd/__init__.py", "my_kd/conf/__init__.py")
 
-#: digits: 1437 training images, 23 steps of 64 per epoch; small_cnn on the CPU, no AMP
-RUN = ["dataset=digits", "hardware=cpu", "hardware.amp=off", "logger=none"]
+#: 384 synthetic 16x16 images in 24 steps of 16 per epoch; small_cnn on the CPU, no AMP
+TRAIN_SIZE, STEPS_PER_EPOCH = 384, 24
+RUN = [
+    "dataset=synthetic",
+    f"dataset.options.train_size={TRAIN_SIZE}",
+    "dataset.options.test_size=64",
+    "dataset.options.image_size=16",
+    "trainer.batch_size=16",
+    "hardware=cpu",
+    "hardware.amp=off",
+    "logger=none",
+]
 COMPARED = ("test/acc1", "test/nll", "test/ece", "test/aurc", "test/brier")
 
 
@@ -83,9 +93,12 @@ def wait_for(root: Path, pattern: str, proc: subprocess.Popen, timeout: float = 
         time.sleep(0.02)
 
 
-def kill9_then_resume(args: list[str], cwd: Path, env: dict[str, str], pattern: str) -> Path:
+def kill9_then_resume(
+    args: list[str], cwd: Path, env: dict[str, str], pattern: str
+) -> tuple[Path, dict[str, int]]:
     """Start ``python -m kdrun ARGS``, ``kill -9`` it once ``pattern`` exists under its runs
-    dir, run the same command again; returns the run dir (checked to be the same one)."""
+    dir, run the same command again. Returns the run dir (checked to be the same one) and the
+    modification times of the checkpoints the killed process left behind."""
     cwd.mkdir()
     proc = subprocess.Popen(
         [sys.executable, "-m", "kdrun", *args],
@@ -103,11 +116,12 @@ def kill9_then_resume(args: list[str], cwd: Path, env: dict[str, str], pattern: 
     assert proc.returncode == -signal.SIGKILL
     run = only_run_dir(cwd)
     assert json.loads((run / "run.json").read_text())["status"] == "running"
+    left = {str(p.relative_to(run)): p.stat().st_mtime_ns for p in run.rglob("*.ckpt")}
     out = run_kdrun(args, cwd=cwd, env=env)
     assert "(resumed)" in out.stdout
     assert only_run_dir(cwd) == run
     assert json.loads((run / "run.json").read_text())["status"] == "finished"
-    return run
+    return run, left
 
 
 def reference_run(args: list[str], cwd: Path, env: dict[str, str]) -> Path:
@@ -141,10 +155,10 @@ def test_method_with_a_sample_bank_resumes_after_kill9(user_repo, tmp_path):
     recipe = ["method=my_pskd", *RUN, "trainer.epochs=2", "trainer.checkpoint_every_steps=30"]
     env = env_for(user_repo, tmp_path)
     ref = reference_run([*recipe, searchpath(user_repo, "file")], tmp_path / "ref", env)
-    # checkpoints at the end of epoch 1 (step 23) and at step 30: prev.ckpt appears with the
+    # checkpoints at the end of epoch 1 (step 24) and at step 30: prev.ckpt appears with the
     # second, so the kill lands in epoch 2, after every bank row was written
     args = [*recipe, searchpath(user_repo, "pkg")]
-    run = kill9_then_resume(args, tmp_path / "killed", env, "*/checkpoints/prev.ckpt")
+    run, _ = kill9_then_resume(args, tmp_path / "killed", env, "*/checkpoints/prev.ckpt")
 
     ref_sum, new_sum = summary(ref), summary(run)
     assert new_sum["method"] == ref_sum["method"] == "my_pskd"
@@ -155,7 +169,7 @@ def test_method_with_a_sample_bank_resumes_after_kill9(user_repo, tmp_path):
     assert_same_state(ref_state["method"], new_state["method"], "method state")
     bank = new_state["method"]
     assert bool(bank["bank.written"].all())
-    assert torch.allclose(bank["bank.values"].sum(dim=1), torch.ones(1437))
+    assert torch.allclose(bank["bank.values"].sum(dim=1), torch.ones(TRAIN_SIZE))
     events = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
     assert [e["epoch"] for e in events if "test/acc1" in e] == [1, 2]
 
@@ -166,7 +180,10 @@ def test_method_with_a_stage_resumes_after_kill9(user_repo, tmp_path):
     ref = reference_run([*recipe, searchpath(user_repo, "file")], tmp_path / "ref", env)
     # the student's own checkpoints (the teacher's are under <run>/teacher/checkpoints)
     args = [*recipe, searchpath(user_repo, "pkg")]
-    run = kill9_then_resume(args, tmp_path / "killed", env, "*/checkpoints/last.ckpt")
+    run, left = kill9_then_resume(args, tmp_path / "killed", env, "*/checkpoints/last.ckpt")
+    # the finished teacher stage was found again, not trained again
+    teacher_ckpt = "teacher/checkpoints/last.ckpt"
+    assert left[teacher_ckpt] == (run / teacher_ckpt).stat().st_mtime_ns
 
     ref_sum, new_sum = summary(ref), summary(run)
     assert new_sum["method"] == "my_teacher_kd"
@@ -177,9 +194,22 @@ def test_method_with_a_stage_resumes_after_kill9(user_repo, tmp_path):
     assert_same_state(
         last_state(ref, "teacher")["model"], last_state(run, "teacher")["model"], "teacher"
     )
-    # the student's steps continue after the teacher's 23, in both runs alike
+    # the student's steps continue after the teacher's, in both runs alike
     steps = [
         [json.loads(x)["step"] for x in (r / "metrics.jsonl").read_text().splitlines()]
         for r in (ref, run)
     ]
-    assert steps[0] == steps[1] and steps[1] == sorted(steps[1]) and max(steps[1]) >= 46
+    assert (
+        steps[0] == steps[1]
+        and steps[1] == sorted(steps[1])
+        and max(steps[1]) == 2 * STEPS_PER_EPOCH
+    )
+
+
+def test_knobs_of_an_outside_method_are_validated(user_repo, tmp_path):
+    args = ["method=my_pskd", searchpath(user_repo, "pkg"), *RUN, "method.alpha=1.5"]
+    proc = run_kdrun(args, cwd=tmp_path, env=env_for(user_repo, tmp_path), check=False)
+    assert proc.returncode == 2, proc.stdout[-2000:] + proc.stderr[-2000:]
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("kdrun: error: method.alpha=1.5"), lines
+    assert not list(tmp_path.rglob("*.ckpt"))
