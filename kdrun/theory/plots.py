@@ -196,12 +196,8 @@ def _draw_fitted_functions(plt: Any, ax: Any, run: HilbertRun) -> None:
 
 
 def plot_fitted_functions(runs: list[HilbertRun], path: Path) -> Path:
-    return _per_eps_figure(
-        runs,
-        path,
-        _draw_fitted_functions,
-        f"Self-distillation rounds f_t ({_kernel_label(runs[0])})",
-    )
+    title = f"Self-distillation rounds f_t ({_kernel_label(runs[0])})"
+    return _per_eps_figure(runs, path, _draw_fitted_functions, title)
 
 
 def _draw_b_diag(plt: Any, ax: Any, run: HilbertRun) -> None:
@@ -242,14 +238,8 @@ def _draw_b_diag(plt: Any, ax: Any, run: HilbertRun) -> None:
 
 
 def plot_b_diag(runs: list[HilbertRun], path: Path) -> Path:
-    return _per_eps_figure(
-        runs,
-        path,
-        _draw_b_diag,
-        f"Spectral shrinkage diag(B_t) = prod d/(c_i+d) ({_kernel_label(runs[0])})",
-        panel=(7.0, 4.4),
-        top=1.0,
-    )
+    title = f"Spectral shrinkage diag(B_t) = prod d/(c_i+d) ({_kernel_label(runs[0])})"
+    return _per_eps_figure(runs, path, _draw_b_diag, title, panel=(7.0, 4.4), top=1.0)
 
 
 def _draw_c_bracket(plt: Any, ax: Any, run: HilbertRun) -> None:
@@ -273,15 +263,12 @@ def _draw_c_bracket(plt: Any, ax: Any, run: HilbertRun) -> None:
 
 
 def plot_c_bracket(runs: list[HilbertRun], path: Path) -> Path:
-    return _per_eps_figure(
-        runs,
-        path,
-        _draw_c_bracket,
+    title = (
         "Regularisation c_t and its bracket [d_min, d_max]·sqrt(K eps)/(||y_(t-1)|| - sqrt(K eps))"
-        f"\n({_kernel_label(runs[0])})",
-        panel=(5.6, 3.8),
-        top=0.9,
-        fontsize=11,
+        f"\n({_kernel_label(runs[0])})"
+    )
+    return _per_eps_figure(
+        runs, path, _draw_c_bracket, title, panel=(5.6, 3.8), top=0.9, fontsize=11
     )
 
 
