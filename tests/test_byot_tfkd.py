@@ -264,5 +264,5 @@ def test_cli_smoke(method, tmp_path):
         wanted = ["ce", "kd"]
     for key in wanted:
         assert f"train/{key}" in keys, (key, sorted(keys))
-    best = torch.load(run / "checkpoints" / "best.ckpt", weights_only=True)
-    assert set(best["model"]) == set(backbone.state_dict())
+    final = torch.load(run / "checkpoints" / "final.ckpt", weights_only=True)
+    assert set(final["model"]) == set(backbone.state_dict())

@@ -27,7 +27,7 @@ from kdrun.data.augment import (
 )
 from kdrun.data.datasets import build_datasets
 from kdrun.data.spec import DataSpec
-from kdrun.data.splits import stratified_subset
+from kdrun.data.splits import STANDARD_VAL_SIZES, stratified_split, stratified_subset
 from kdrun.data.views import EvalDataset, IndexedDataset
 from kdrun.errors import DatasetError
 from tests.fake_datasets import (
@@ -138,10 +138,13 @@ def test_val_fraction_holds_out_a_fixed_stratified_share(tmp_path):
     full = build_datasets("digits", tmp_path)
     d = build_datasets("digits", tmp_path, val_fraction=0.2, seed=5)
     n = full.num_train
-    assert d.num_test == math.ceil(0.2 * n) and d.num_train == n - d.num_test
+    assert d.num_val == math.ceil(0.2 * n) and d.num_train == n - d.num_val
+    assert d.has_validation and d.splits == ("val", "test") and not full.has_validation
+    # the test split is untouched
+    assert torch.equal(d.test_images, full.test_images) and d.num_test == full.num_test
     # every held-out sample is a training sample, none of them is trained on, none is lost
     rows = {
-        tuple(img.flatten().tolist()) + (int(y),) for img, y in zip(d.test_images, d.test_targets)
+        tuple(img.flatten().tolist()) + (int(y),) for img, y in zip(d.val_images, d.val_targets)
     }
     train_rows = {
         tuple(img.flatten().tolist()) + (int(y),) for img, y in zip(d.train_images, d.train_targets)
@@ -154,22 +157,50 @@ def test_val_fraction_holds_out_a_fixed_stratified_share(tmp_path):
     # stratified: per-class shares within one sample of 20 %
     for c in range(10):
         n_c = int((full.train_targets == c).sum())
-        assert abs(int((d.test_targets == c).sum()) - 0.2 * n_c) <= 1
-    # fixed by the data, not the run seed; fraction then subsamples the rest
+        assert abs(int((d.val_targets == c).sum()) - 0.2 * n_c) <= 1
+    # fixed by the data (subset_seed, 0 when null), not the run seed; fraction subsamples the rest
     d2 = build_datasets("digits", tmp_path, val_fraction=0.2, seed=9)
-    assert torch.equal(d.test_images, d2.test_images)
+    assert torch.equal(d.val_images, d2.val_images)
+    assert torch.equal(
+        d.val_images, build_datasets("digits", tmp_path, val_fraction=0.2, subset_seed=0).val_images
+    )
+    other = build_datasets("digits", tmp_path, val_fraction=0.2, subset_seed=3)
+    assert not torch.equal(d.val_targets, other.val_targets) or not torch.equal(
+        d.val_images, other.val_images
+    )
     sub = build_datasets("digits", tmp_path, val_fraction=0.2, fraction=0.5, seed=9)
-    assert torch.equal(sub.test_targets, d.test_targets)
+    assert torch.equal(sub.val_targets, d.val_targets)
     assert sub.num_train == stratified_subset(d.train_targets, 0.5, 9).numel()
 
 
 def test_val_fraction_on_folder_datasets(tmp_path):
     write_fake_tiny_imagenet(tmp_path, n_classes=3, n_per_class=4, n_val_per_class=2)
     d = build_datasets("tiny_imagenet", tmp_path, val_fraction=0.25)
-    assert len(d.test_folder) == 3 == d.num_test and len(d.train_folder) == 9 == d.num_train
-    assert "/train/" in d.test_folder.samples[0][0]
-    assert not {s for s, _ in d.test_folder.samples} & {s for s, _ in d.train_folder.samples}
-    assert d.test_targets.tolist() == [y for _, y in d.test_folder.samples]
+    assert len(d.val_folder) == 3 == d.num_val and len(d.train_folder) == 9 == d.num_train
+    assert "/train/" in d.val_folder.samples[0][0] and len(d.test_folder) == 6
+    assert not {s for s, _ in d.val_folder.samples} & {s for s, _ in d.train_folder.samples}
+    assert d.val_targets.tolist() == [y for _, y in d.val_folder.samples]
+
+
+def test_standard_validation_split(tmp_path):
+    # CIFAR's 45k/5k: exactly 500 of each class's 5,000 training images (50 of 500 for CIFAR-100)
+    for classes in (10, 100):
+        targets = torch.arange(50_000) % classes
+        size = STANDARD_VAL_SIZES["cifar10" if classes == 10 else "cifar100"]
+        train, val = stratified_split(targets, 0.0, seed=0, n_test=size)
+        assert val.numel() == 5_000 and train.numel() == 45_000
+        assert (
+            torch.bincount(targets[val], minlength=classes).tolist() == [5_000 // classes] * classes
+        )
+    write_fake_tiny_imagenet(tmp_path, n_classes=3, n_per_class=4, n_val_per_class=2)
+    with pytest.raises(DatasetError, match=r"val_split=standard \(10000 samples\) leaves no"):
+        build_datasets("tiny_imagenet", tmp_path, val_split="standard")  # 12 training images
+    with pytest.raises(DatasetError, match="no standard validation split"):
+        build_datasets("digits", tmp_path, val_split="standard")
+    with pytest.raises(DatasetError, match="set one of them"):
+        build_datasets("tiny_imagenet", tmp_path, val_split="standard", val_fraction=0.1)
+    with pytest.raises(DatasetError, match="dataset.val_split='x' must be none or standard"):
+        build_datasets("digits", tmp_path, val_split="x")
 
 
 @pytest.mark.parametrize("bad", [-0.1, 1.0, "x", True])

@@ -102,7 +102,7 @@ def test_offline_run_records_history_summary_config_and_run_metadata(wb_env, tmp
         m = {"epoch": epoch, "train/loss": 2.0 / (epoch + 1), "test/acc1": 0.25 + 0.1 * epoch}
         lg.log_metrics(m, step=10 * epoch)
         logged[10 * epoch] = m
-    lg.log_summary({"test/acc1_best": 0.45, "test/acc1_best_epoch": 2, "method": "ps_kd"})
+    lg.log_summary({"test/acc1_max": 0.45, "test/acc1_max_epoch": 2, "method": "ps_kd"})
     lg.finish()
     lg.finish()  # idempotent
     assert init_s < 30
@@ -133,8 +133,8 @@ def test_offline_run_records_history_summary_config_and_run_metadata(wb_env, tmp
             assert rows[step][k] == pytest.approx(v, rel=1e-12)
 
     summ = wr.summary(path)
-    assert summ["test/acc1_best"] == 0.45
-    assert summ["test/acc1_best_epoch"] == 2
+    assert summ["test/acc1_max"] == 0.45
+    assert summ["test/acc1_max_epoch"] == 2
     assert summ["method"] == "ps_kd"
     assert summ["test/acc1"] == pytest.approx(0.45)  # last history value
 

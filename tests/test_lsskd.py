@@ -364,5 +364,5 @@ def test_cli_smoke_exports_the_plain_backbone(tmp_path):
     keys = set().union(*records)
     for key in ["soft_final", "soft_aux", "kl", "feat", "head1_acc", "head3_acc"]:
         assert f"train/{key}" in keys, (key, sorted(keys))
-    best = torch.load(run / "checkpoints" / "best.ckpt", weights_only=True)
-    assert set(best["model"]) == set(backbone.state_dict())
+    final = torch.load(run / "checkpoints" / "final.ckpt", weights_only=True)
+    assert set(final["model"]) == set(backbone.state_dict())

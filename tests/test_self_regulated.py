@@ -28,7 +28,7 @@ STUDENTS = ["kd", "significance", "regulated", "hybrid"]
 @pytest.fixture(autouse=True)
 def fast_stages(monkeypatch):
     """In-process stages skip the reliability diagram and use one thread."""
-    monkeypatch.setattr(Trainer, "_reliability_plot", lambda self, logits, labels: None)
+    monkeypatch.setattr(Trainer, "_reliability_plot", lambda self, logits, labels, split: None)
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     yield
@@ -343,17 +343,17 @@ def test_teacher_ckpt_sources(tmp_path):
     last = tmp_path / "a" / "teacher" / "checkpoints" / "last.ckpt"
     method, _, _, _ = student(tmp_path, "significance", [f"method.teacher_ckpt={last}"], "c")
     assert torch.equal(method.significance.values, counts)
-    # best.ckpt holds only the model: significance needs significance_file, kd does not
-    best = tmp_path / "a" / "teacher" / "checkpoints" / "best.ckpt"
+    # final.ckpt holds only the model: significance needs significance_file, kd does not
+    final = tmp_path / "a" / "teacher" / "checkpoints" / "final.ckpt"
     with pytest.raises(ConfigError, match="significance_file"):
-        student(tmp_path, "significance", [f"method.teacher_ckpt={best}"], "d")
-    method, _, _, _ = student(tmp_path, "kd", [f"method.teacher_ckpt={best}"], "e")
+        student(tmp_path, "significance", [f"method.teacher_ckpt={final}"], "d")
+    method, _, _, _ = student(tmp_path, "kd", [f"method.teacher_ckpt={final}"], "e")
     assert method.teacher is not None and "teacher/data/participations" not in method.summary()
     companion = tmp_path / "a" / "significance.pt"
     method, _, _, _ = student(
         tmp_path,
         "significance",
-        [f"method.teacher_ckpt={best}", f"method.significance_file={companion}"],
+        [f"method.teacher_ckpt={final}", f"method.significance_file={companion}"],
         "f",
     )
     assert torch.equal(method.significance.values, counts)

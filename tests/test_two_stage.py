@@ -24,7 +24,7 @@ ONE_THREAD = {"OMP_NUM_THREADS": "1"}
 def fast_stages(monkeypatch):
     """The in-process stages skip the reliability diagram (matplotlib dominates a tiny stage)
     and use one thread."""
-    monkeypatch.setattr(Trainer, "_reliability_plot", lambda self, logits, labels: None)
+    monkeypatch.setattr(Trainer, "_reliability_plot", lambda self, logits, labels, split: None)
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     yield
