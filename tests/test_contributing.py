@@ -126,3 +126,9 @@ def test_contributing_commands_run(tmp_path, place):
         trains = [c for c in commands if c.text.startswith("python -m kdrun")]
         assert len(summaries) == len(trains)
         assert all(s["method"] == "my_pskd" for s in summaries)
+
+
+def test_every_test_file_is_in_the_guide():
+    text = GUIDE.read_text()
+    missing = [p.name for p in sorted((ROOT / "tests").glob("test_*.py")) if p.name not in text]
+    assert not missing, f"add {missing} to the table in CONTRIBUTING.md's 'Tests' section"

@@ -211,5 +211,7 @@ def test_knobs_of_an_outside_method_are_validated(user_repo, tmp_path):
     proc = run_kdrun(args, cwd=tmp_path, env=env_for(user_repo, tmp_path), check=False)
     assert proc.returncode == 2, proc.stdout[-2000:] + proc.stderr[-2000:]
     lines = proc.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("kdrun: error: method.alpha=1.5"), lines
+    documented = re.search(r"`(kdrun: error: method\.alpha=1\.5[^`]*)`", GUIDE.read_text())
+    assert documented, "CONTRIBUTING.md shows the error for method.alpha=1.5"
+    assert lines == [documented.group(1)]
     assert not list(tmp_path.rglob("*.ckpt"))
