@@ -214,4 +214,4 @@ def test_knobs_of_an_outside_method_are_validated(user_repo, tmp_path):
     documented = re.search(r"`(kdrun: error: method\.alpha=1\.5[^`]*)`", GUIDE.read_text())
     assert documented, "CONTRIBUTING.md shows the error for method.alpha=1.5"
     assert lines == [documented.group(1)]
-    assert not list(tmp_path.rglob("*.ckpt"))
+    assert not (tmp_path / "outputs").exists()  # rejected before a run dir was made
