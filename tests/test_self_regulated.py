@@ -13,10 +13,11 @@ import pytest
 import torch
 from torch import nn
 
-from kdrun.engine import Trainer
 from kdrun.errors import ConfigError
 from kdrun.methods import self_regulated as sr
 from kdrun.methods.base import Batch
+from kdrun.methods.self_regulated import teacher as sr_teacher
+from kdrun.metric_logging import ReliabilityPlots
 from kdrun.stages import StageRunner
 from tests.conftest import run_kdrun
 from tests.method_utils import batches, build_method, tiny_context
@@ -28,7 +29,7 @@ STUDENTS = ["kd", "significance", "regulated", "hybrid"]
 @pytest.fixture(autouse=True)
 def fast_stages(monkeypatch):
     """In-process stages skip the reliability diagram and use one thread."""
-    monkeypatch.setattr(Trainer, "_reliability_plot", lambda self, logits, labels, split: None)
+    monkeypatch.setattr(ReliabilityPlots, "on_predictions", lambda self, *args: None)
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     yield
@@ -381,11 +382,9 @@ def test_teacher_model_option_and_knob_validation(tmp_path):
 
 
 def test_empty_steps_perform_no_update_in_the_engine(tmp_path, monkeypatch):
-    """With the engine hook (``Trainer.skips_empty_steps``), a stage where nobody ever takes part
+    """A stage where nobody ever takes part
     leaves parameters and optimizer state untouched (SGD with momentum and weight decay), and a
     run where everybody takes part is bit-identical to the same run without ``weight``."""
-    if not getattr(Trainer, "skips_empty_steps", False):
-        pytest.skip("engine without the empty-step hook (zero loss/gradient only)")
     _, ctx, _ = context(tmp_path, "a", [])
     c, n = ctx.data.spec.num_classes, ctx.num_samples()
 
@@ -398,7 +397,9 @@ def test_empty_steps_perform_no_update_in_the_engine(tmp_path, monkeypatch):
 
     with monkeypatch.context() as m:
         m.setattr(
-            sr, "participation_mask", lambda z, y, beta: torch.zeros_like(y, dtype=torch.bool)
+            sr_teacher,
+            "participation_mask",
+            lambda z, y, beta: torch.zeros_like(y, dtype=torch.bool),
         )
         teacher = sr.SelfRegulatedTeacher(num_classes=c, num_samples=n)
         before, model, trainer = fit(teacher, "empty")

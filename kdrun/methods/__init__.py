@@ -1,35 +1,26 @@
-"""Training methods. Config files in ``conf/method/`` point their ``_target_`` here
-(``kdrun.methods.<Class>``); each class lives in its family's module and is imported on first
-use, so adding a method never slows down the import of the others."""
+"""Training methods. Each lives in its own module (or package) under ``kdrun/methods/`` and its
+config file ``conf/method/<name>.yaml`` names it by that path
+(``_target_: kdrun.methods.pskd.PSKD``); adding a method needs only those two files.
 
+The base interface is imported here; a method class is also reachable as ``kdrun.methods.<Class>``:
+on first access the submodules are imported in turn until one defines it, so importing this
+package never imports every method."""
+
+import pkgutil
 from importlib import import_module
 
 from kdrun.methods.bank import SampleBank
 from kdrun.methods.base import Batch, Method, StepOutput, kd_loss, soft_cross_entropy
 from kdrun.methods.basic import CrossEntropy, LabelSmoothing
 
-#: public class name -> module that defines it
-_LAZY = {
-    "PSKD": "kdrun.methods.pskd",
-    "TFKDReg": "kdrun.methods.tfkd",
-    "TFKDSelf": "kdrun.methods.tfkd",
-    "CSKD": "kdrun.methods.cskd",
-    "BYOT": "kdrun.methods.byot",
-    "DLB": "kdrun.methods.dlb",
-    "BornAgain": "kdrun.methods.born_again",
-    "SelfRegulatedTeacher": "kdrun.methods.self_regulated",
-    "KDStudent": "kdrun.methods.self_regulated",
-    "SignificanceStudent": "kdrun.methods.self_regulated",
-    "RegulatedStudent": "kdrun.methods.self_regulated",
-    "HybridStudent": "kdrun.methods.self_regulated",
-    "LSSKD": "kdrun.methods.lsskd",
-}
-
 
 def __getattr__(name: str):
-    if name in _LAZY:
-        return getattr(import_module(_LAZY[name]), name)
-    raise AttributeError(f"module 'kdrun.methods' has no attribute {name!r}")
+    if not name.startswith("_"):
+        for module in pkgutil.iter_modules(__path__, prefix=f"{__name__}."):
+            found = getattr(import_module(module.name), name, None)
+            if isinstance(found, type) and issubclass(found, Method):
+                return found
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 __all__ = [
@@ -41,5 +32,4 @@ __all__ = [
     "StepOutput",
     "kd_loss",
     "soft_cross_entropy",
-    *_LAZY,
 ]

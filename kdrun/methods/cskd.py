@@ -51,40 +51,21 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from kdrun.data.samplers import BatchSampler, epoch_generator
+from kdrun.data.samplers import epoch_generator
 from kdrun.methods.base import NON_NEGATIVE, POSITIVE, Batch, Method, StepOutput, kd_loss
+from kdrun.methods.batching import HalvesBatchSampler
 
 _PARTNER_SALT = 1  # the partner draw uses its own (seed, epoch) stream, independent of the order
 
 
-class PairBatchSampler(BatchSampler):
+class PairBatchSampler(HalvesBatchSampler):
     """Global batches ``[anchors (h), partners (h)]``; each rank gets whole pairs."""
 
-    def __init__(
-        self,
-        targets: torch.Tensor,
-        batch_size: int,
-        seed: int = 0,
-        drop_last: bool = False,
-        rank: int = 0,
-        world_size: int = 1,
-    ) -> None:
+    method_name = "cs_kd"
+
+    def __init__(self, targets: torch.Tensor, batch_size: int, **kwargs) -> None:
         targets = torch.as_tensor(targets).detach().to("cpu", torch.int64).reshape(-1)
-        super().__init__(
-            targets.shape[0],
-            batch_size,
-            seed=seed,
-            shuffle=True,
-            drop_last=drop_last,
-            rank=rank,
-            world_size=world_size,
-        )
-        self.half = self.batch_size // 2
-        if self.half < max(self.world_size, 1):
-            raise ValueError(
-                f"cs_kd needs trainer.batch_size >= 2 * world size (one pair per rank), "
-                f"got batch_size {batch_size} with world size {world_size}"
-            )
+        super().__init__(targets.shape[0], batch_size, **kwargs)
         self.targets = targets
         n = targets.shape[0]
         # class-sorted index list; each class occupies [start[c], start[c] + count[c])
@@ -105,13 +86,9 @@ class PairBatchSampler(BatchSampler):
         return self._sorted[self._start[cls] + (self._pos[anchors] + offset) % n]
 
     def global_batches(self) -> list[torch.Tensor]:
-        order = torch.randperm(self.num_samples, generator=epoch_generator(self.seed, self.epoch))
+        order = self.epoch_order()
         partners = self.partners(order, epoch_generator(self.seed, self.epoch, _PARTNER_SALT))
-        anchors = list(torch.split(order, self.half))
-        mates = list(torch.split(partners, self.half))
-        if self.drop_last and anchors and len(anchors[-1]) < self.half:
-            anchors.pop()
-            mates.pop()
+        anchors, mates = self.chunks(order), self.chunks(partners)
         return [torch.cat([a, p]) for a, p in zip(anchors, mates)]
 
     def _parts(self, n: int) -> list[int]:
@@ -148,15 +125,7 @@ class CSKD(Method):
         self.T = float(T)
         self.lam = float(lam)
 
-    def train_batch_sampler(
-        self,
-        targets: torch.Tensor,
-        batch_size: int,
-        seed: int,
-        rank: int,
-        world_size: int,
-        drop_last: bool,
-    ) -> PairBatchSampler:
+    def train_batch_sampler(self, targets, batch_size, seed, rank, world_size, drop_last):
         return PairBatchSampler(
             targets, batch_size, seed=seed, drop_last=drop_last, rank=rank, world_size=world_size
         )

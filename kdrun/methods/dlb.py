@@ -58,47 +58,17 @@ import torch.nn.functional as F
 from torch import nn
 
 from kdrun import distributed
-from kdrun.data.samplers import BatchSampler, epoch_generator
 from kdrun.methods.base import NON_NEGATIVE, POSITIVE, Batch, Method, StepOutput, kd_loss
+from kdrun.methods.batching import HalvesBatchSampler
 
 
-class OverlapBatchSampler(BatchSampler):
+class OverlapBatchSampler(HalvesBatchSampler):
     """Global batches ``[c_t, c_{t+1}]`` over chunks of a per-epoch permutation."""
 
-    def __init__(
-        self,
-        num_samples: int,
-        batch_size: int,
-        seed: int = 0,
-        drop_last: bool = False,
-        rank: int = 0,
-        world_size: int = 1,
-    ) -> None:
-        super().__init__(
-            num_samples,
-            batch_size,
-            seed=seed,
-            shuffle=True,
-            drop_last=drop_last,
-            rank=rank,
-            world_size=world_size,
-        )
-        self.half = self.batch_size // 2
-        if self.half < max(self.world_size, 1):
-            raise ValueError(
-                f"dlb needs trainer.batch_size >= 2 * world size, got batch_size {batch_size} "
-                f"with world size {world_size}"
-            )
-
-    def chunks(self) -> list[torch.Tensor]:
-        order = torch.randperm(self.num_samples, generator=epoch_generator(self.seed, self.epoch))
-        chunks = list(torch.split(order, self.half))
-        if self.drop_last and chunks and len(chunks[-1]) < self.half:
-            chunks.pop()
-        return chunks
+    method_name = "dlb"
 
     def global_batches(self) -> list[torch.Tensor]:
-        c = self.chunks()
+        c = self.chunks(self.epoch_order())
         if len(c) <= 1:
             return c  # N <= h: a single batch, nothing to overlap
         return [torch.cat([c[t], c[t + 1]]) for t in range(len(c) - 1)]
@@ -213,22 +183,10 @@ class DLB(Method):
         self._first: int | None = None  # this rank's first-half size (from the sampler)
         self._slot: int = 0  # rows each rank contributes to the cache
 
-    def train_batch_sampler(
-        self,
-        targets: torch.Tensor,
-        batch_size: int,
-        seed: int,
-        rank: int,
-        world_size: int,
-        drop_last: bool,
-    ) -> OverlapBatchSampler:
+    def train_batch_sampler(self, targets, batch_size, seed, rank, world_size, drop_last):
+        n = int(targets.shape[0])
         sampler = OverlapBatchSampler(
-            int(targets.shape[0]),
-            batch_size,
-            seed=seed,
-            drop_last=drop_last,
-            rank=rank,
-            world_size=world_size,
+            n, batch_size, seed=seed, drop_last=drop_last, rank=rank, world_size=world_size
         )
         h = sampler.half
         self._first = h // world_size + (1 if rank < h % world_size else 0)
