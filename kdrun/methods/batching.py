@@ -23,29 +23,14 @@ class HalvesBatchSampler(BatchSampler):
     #: the method's name in the error for a batch too small for the world size
     method_name: ClassVar[str] = "this method"
 
-    def __init__(
-        self,
-        num_samples: int,
-        batch_size: int,
-        seed: int = 0,
-        drop_last: bool = False,
-        rank: int = 0,
-        world_size: int = 1,
-    ) -> None:
-        super().__init__(
-            num_samples,
-            batch_size,
-            seed=seed,
-            shuffle=True,
-            drop_last=drop_last,
-            rank=rank,
-            world_size=world_size,
-        )
+    def __init__(self, num_samples: int, batch_size: int, **kwargs) -> None:
+        """``kwargs``: ``seed``, ``drop_last``, ``rank``, ``world_size`` (always shuffled)."""
+        super().__init__(num_samples, batch_size, shuffle=True, **kwargs)
         self.half = self.batch_size // 2
         if self.half < max(self.world_size, 1):
             raise ValueError(
                 f"{self.method_name} needs trainer.batch_size >= 2 * world size (one pair per "
-                f"rank), got batch_size {batch_size} with world size {world_size}"
+                f"rank), got batch_size {self.batch_size} with world size {self.world_size}"
             )
 
     def epoch_order(self, salt: int = 0) -> torch.Tensor:
