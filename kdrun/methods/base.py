@@ -200,3 +200,39 @@ def kd_loss(
     log_p_t = F.log_softmax(teacher_logits.detach().float() / T, dim=-1)
     per_sample = (log_p_t.exp() * (log_p_t - log_p_s)).sum(dim=-1) * (T * T)
     return per_sample.mean() if reduction == "mean" else per_sample
+
+
+def frozen_teacher_logits(teacher: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """A frozen teacher's logits for ``x``: eval mode, ``no_grad``."""
+    if teacher.training:
+        teacher.eval()
+    with torch.no_grad():
+        return teacher(x)
+
+
+def mse_probs(student_logits: torch.Tensor, teacher_logits: torch.Tensor) -> torch.Tensor:
+    """``sum_c (softmax(z_s)_c - softmax(z_t)_c)^2``, batch mean (fp32, teacher detached)."""
+    p_s = F.softmax(student_logits.float(), dim=-1)
+    p_t = F.softmax(teacher_logits.detach().float(), dim=-1)
+    return (p_s - p_t).pow(2).sum(dim=-1).mean()
+
+
+def distillation_step(
+    model: nn.Module,
+    teacher: nn.Module,
+    batch: Batch,
+    alpha: float,
+    T: float,
+    loss: str = "kd",
+) -> StepOutput:
+    """``(1 - alpha) CE(z_s, y) + alpha D(z_s, z_t)`` with the frozen ``teacher`` (eval mode,
+    ``no_grad``, same batch); ``D`` is ``KD_T`` (``loss='kd'``) or :func:`mse_probs`."""
+    logits = model(batch.x)
+    teacher_logits = frozen_teacher_logits(teacher, batch.x)
+    ce = F.cross_entropy(logits.float(), batch.y)
+    if loss == "mse":
+        term = mse_probs(logits, teacher_logits)
+    else:
+        term = kd_loss(logits, teacher_logits, T)
+    total = (1.0 - alpha) * ce + alpha * term
+    return StepOutput(loss=total, logits=logits, logs={"ce": ce.detach(), loss: term.detach()})

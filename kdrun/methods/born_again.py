@@ -49,46 +49,14 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-import torch
 import torch.nn.functional as F
 from torch import nn
 
-from kdrun.methods.base import POSITIVE, UNIT, Batch, Method, Range, StepOutput, kd_loss
+from kdrun.methods.base import POSITIVE, UNIT, Batch, Method, Range, StepOutput, distillation_step
 from kdrun.methods.basic import CrossEntropy
 
 #: seed offset of generation k's initialisation is GEN_SEED_OFFSET + k (main run: 0)
 GEN_SEED_OFFSET = 1000
-
-
-def mse_probs(student_logits: torch.Tensor, teacher_logits: torch.Tensor) -> torch.Tensor:
-    """``sum_c (softmax(z_s)_c - softmax(z_t)_c)^2``, batch mean (fp32, teacher detached)."""
-    p_s = F.softmax(student_logits.float(), dim=-1)
-    p_t = F.softmax(teacher_logits.detach().float(), dim=-1)
-    return (p_s - p_t).pow(2).sum(dim=-1).mean()
-
-
-def distillation_step(
-    model: nn.Module,
-    teacher: nn.Module,
-    batch: Batch,
-    alpha: float,
-    T: float,
-    loss: str,
-) -> StepOutput:
-    """``(1 - alpha) CE(z_s, y) + alpha D(z_s, z_t)`` with the frozen ``teacher`` (eval mode,
-    ``no_grad``, same batch); ``D`` is ``KD_T`` (``loss='kd'``) or :func:`mse_probs`."""
-    logits = model(batch.x)
-    if teacher.training:
-        teacher.eval()
-    with torch.no_grad():
-        teacher_logits = teacher(batch.x)
-    ce = F.cross_entropy(logits.float(), batch.y)
-    if loss == "mse":
-        term = mse_probs(logits, teacher_logits)
-    else:
-        term = kd_loss(logits, teacher_logits, T)
-    total = (1.0 - alpha) * ce + alpha * term
-    return StepOutput(loss=total, logits=logits, logs={"ce": ce.detach(), loss: term.detach()})
 
 
 class BornAgainGeneration(Method):

@@ -70,6 +70,7 @@ from kdrun.methods.base import (
     Method,
     Range,
     StepOutput,
+    distillation_step,
     kd_loss,
 )
 
@@ -206,15 +207,7 @@ class TFKDSelf(Method):
     def training_step(self, model: nn.Module, batch: Batch) -> StepOutput:
         if self.teacher is None:
             raise RuntimeError("tf_kd_self: prepare(runner) must run before training")
-        logits = model(batch.x)
-        if self.teacher.training:
-            self.teacher.eval()
-        with torch.no_grad():
-            teacher_logits = self.teacher(batch.x)
-        ce = F.cross_entropy(logits.float(), batch.y)
-        kd = kd_loss(logits, teacher_logits, self.T)
-        loss = (1.0 - self.alpha) * ce + self.alpha * kd
-        return StepOutput(loss=loss, logits=logits, logs={"ce": ce.detach(), "kd": kd.detach()})
+        return distillation_step(model, self.teacher, batch, self.alpha, self.T)
 
     def summary(self) -> dict[str, float | str | None]:
         return {

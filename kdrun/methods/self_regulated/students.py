@@ -26,7 +26,15 @@ from torch import nn
 
 from kdrun.errors import ConfigError
 from kdrun.methods.bank import SampleBank
-from kdrun.methods.base import POSITIVE, UNIT, Batch, Range, StepOutput, kd_loss
+from kdrun.methods.base import (
+    POSITIVE,
+    UNIT,
+    Batch,
+    Range,
+    StepOutput,
+    frozen_teacher_logits,
+    kd_loss,
+)
 from kdrun.methods.batching import SubsetBatchSampler
 from kdrun.methods.self_regulated.accounting import (
     Accounting,
@@ -226,10 +234,7 @@ class SelfRegulatedStudent(Accounting):
         if self.teacher is None:
             raise RuntimeError(f"{self.name}: prepare(runner) must run before training")
         logits = model(batch.x)
-        if self.teacher.training:
-            self.teacher.eval()
-        with torch.no_grad():
-            teacher_logits = self.teacher(batch.x)
+        teacher_logits = frozen_teacher_logits(self.teacher, batch.x)
         ce = F.cross_entropy(logits.float(), batch.y, reduction="none")
         kd = kd_loss(logits, teacher_logits, self.T, reduction="none")
         return logits, self.alpha * kd + (1.0 - self.alpha) * ce, ce, kd
