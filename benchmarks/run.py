@@ -41,11 +41,11 @@ from omegaconf import open_dict  # noqa: E402
 from rich.console import Console  # noqa: E402
 from rich.table import Table  # noqa: E402
 
-from kdrun.cli import hardware_settings, trainer_settings  # noqa: E402
+from kdrun.amp import resolve_amp  # noqa: E402
+from kdrun.build import hardware_settings, trainer_settings  # noqa: E402
 from kdrun.console import SilentConsole  # noqa: E402
 from kdrun.data.datasets import build_datasets  # noqa: E402
 from kdrun.data.spec import Datasets  # noqa: E402
-from kdrun.engine import resolve_amp  # noqa: E402
 from kdrun.loggers.base import MultiLogger  # noqa: E402
 from kdrun.metrics import classification_metrics  # noqa: E402
 from kdrun.stages import RunContext, StageRunner  # noqa: E402

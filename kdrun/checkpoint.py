@@ -123,3 +123,20 @@ def set_rng_state(state: dict[str, Any]) -> None:
     if "cuda" in state and torch.cuda.is_available():
         for device, cuda_state in enumerate(state["cuda"][: torch.cuda.device_count()]):
             torch.cuda.set_rng_state(cuda_state.cpu(), device)
+
+
+class Checkpointer:
+    """The callback (:mod:`kdrun.callbacks`) that writes ``last.ckpt``: at every epoch end and,
+    with ``every_steps``, every that many training steps (after a finiteness check, so a NaN
+    never replaces the last good checkpoint)."""
+
+    def __init__(self, every_steps: int | None = None) -> None:
+        self.every_steps = int(every_steps) if every_steps else None
+
+    def on_step_end(self, trainer: Any, out: Any, targets: Any) -> None:
+        if self.every_steps and trainer.global_step % self.every_steps == 0:
+            trainer.check_finite()
+            trainer.save_checkpoint()
+
+    def on_epoch_end(self, trainer: Any, record: Any) -> None:
+        trainer.save_checkpoint()

@@ -161,6 +161,16 @@ def all_gather_cat(t: torch.Tensor) -> torch.Tensor:
     return torch.cat(parts, dim=0).to(t.device)
 
 
+def slice_weight(layout: Sequence[int] | None) -> float | None:
+    """``W * n_rank / n_global`` for a step with per-rank slice lengths ``layout``, or None when
+    the slices are equal (or in one process). DDP averages gradients over the ``W`` ranks, so a
+    rank's loss that is a mean over its own slice, weighted by this host float, gives the
+    single-process gradient of the global batch — divisible or not."""
+    if layout is None or len(set(layout)) == 1:
+        return None
+    return len(layout) * layout[dist.get_rank()] / sum(layout)
+
+
 def _layout_rows(local_rows: int, world: int) -> list[int] | None:
     """Every rank's row count for a gather inside :func:`batch_layout`, or None if equal."""
     layout = _LAYOUT.get()

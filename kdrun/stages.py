@@ -43,12 +43,14 @@ from torch import nn
 
 from kdrun import checkpoint as ckpt
 from kdrun import distributed
+from kdrun.callbacks import standard_callbacks
 from kdrun.console import Console
 from kdrun.data.spec import Datasets
-from kdrun.engine import HardwareSettings, Trainer, TrainerSettings
+from kdrun.engine import Trainer
 from kdrun.errors import CheckpointError
 from kdrun.loggers.base import Logger
 from kdrun.methods.base import Method
+from kdrun.settings import HardwareSettings, TrainerSettings
 
 log = logging.getLogger("kdrun")
 
@@ -102,6 +104,7 @@ class RunContext:
             console=self.console,
             prefix=prefix,
             step_offset=step_offset,
+            callbacks=standard_callbacks(settings or self.settings),
         )
 
     def num_samples(self) -> int:

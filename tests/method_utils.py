@@ -11,7 +11,7 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate
 from omegaconf import open_dict
 
-from kdrun.cli import hardware_settings, trainer_settings
+from kdrun.build import hardware_settings, trainer_settings
 from kdrun.console import SilentConsole
 from kdrun.data.datasets import build_datasets
 from kdrun.data.loaders import DeviceTrainLoader

@@ -170,7 +170,7 @@ def test_compiled_training_on_gpu_without_host_syncs(tmp_path, method):
 
 @pytest.mark.gpu
 def test_amp_auto_picks_native_bf16_or_fp16():
-    from kdrun.engine import resolve_amp
+    from kdrun.amp import resolve_amp
 
     native_bf16 = torch.cuda.get_device_capability() >= (8, 0)
     assert resolve_amp("auto", torch.device("cuda", 0)) == ("bf16" if native_bf16 else "fp16")

@@ -12,8 +12,8 @@ import torch.nn.functional as F
 from kdrun import checkpoint as ckpt
 from kdrun.data.loaders import DeviceTrainLoader
 from kdrun.data.samplers import BatchSampler
-from kdrun.engine import Preempted
 from kdrun.methods.pskd import PSKD, pskd_alpha
+from kdrun.preemption import Preempted, Preemption
 from tests.method_utils import tiny_context
 
 EPOCHS = 3
@@ -72,7 +72,7 @@ def run_kdrun_trainer(tmp_path, stop_after_step=None, resume=False):
         out = original(m, batch)
         losses.append(out.loss.item())
         if stop_after_step is not None and len(losses) == stop_after_step:
-            trainer.signals.signum = signal.SIGTERM  # as a preemption would
+            trainer.find_callback(Preemption).signals.signum = signal.SIGTERM  # as a signal would
         return out
 
     method.training_step = recording_step

@@ -381,6 +381,52 @@ def test_teacher_model_option_and_knob_validation(tmp_path):
     validate(compose_cfg(["method=hybrid", "method.teacher_epochs=3"]))
 
 
+KNOBS = {
+    "kd": ["alpha", "T"],
+    "significance": ["alpha", "T", "normalize"],
+    "regulated": ["alpha", "T", "beta", "reduction"],
+    "hybrid": ["alpha", "T", "normalize", "beta", "reduction"],
+}
+TEACHER_KNOBS = [
+    "teacher_beta",
+    "teacher_reduction",
+    "teacher_epochs",
+    "teacher_model",
+    "teacher_ckpt",
+    "significance_file",
+]
+
+
+@pytest.mark.parametrize("name", STUDENTS)
+def test_each_student_declares_exactly_its_own_knobs(name):
+    """The one student implementation shows each method only its knobs: in the signature that
+    validation reads, in ``ranges``, and as a TypeError for a knob of another student; the YAML
+    names the class by module path and ``kdrun.methods.<Class>`` finds the same class."""
+    import inspect
+
+    from hydra.utils import get_object
+    from omegaconf import OmegaConf
+
+    import kdrun.methods
+    from kdrun.config import RUNTIME_ARGS, knob_rules
+
+    conf = Path(__file__).resolve().parents[1] / "conf" / "method" / f"{name}.yaml"
+    target = OmegaConf.load(conf)._target_
+    cls = get_object(target)
+    assert target == f"kdrun.methods.self_regulated.{cls.__name__}"
+    assert getattr(kdrun.methods, cls.__name__) is cls
+    own = KNOBS[name] + TEACHER_KNOBS
+    assert list(knob_rules(cls, RUNTIME_ARGS["method"])) == own
+    assert list(inspect.signature(cls).parameters) == ["num_classes", "num_samples", *own]
+    assert set(cls.ranges) <= set(own)
+    others = {k for knobs in KNOBS.values() for k in knobs} - set(own)
+    for knob in sorted(others):
+        with pytest.raises(TypeError, match=knob):
+            cls(num_classes=3, num_samples=4, **{knob: 0.5})
+    method = cls(num_classes=3, num_samples=4)
+    assert method.name == name and method.uses_rule == ("beta" in own)
+
+
 def test_empty_steps_perform_no_update_in_the_engine(tmp_path, monkeypatch):
     """A stage where nobody ever takes part
     leaves parameters and optimizer state untouched (SGD with momentum and weight decay), and a

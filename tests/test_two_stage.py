@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from kdrun import checkpoint as ckpt
-from kdrun.engine import Trainer
+from kdrun.metric_logging import ReliabilityPlots
 from kdrun.stages import StageRunner
 from tests.conftest import run_kdrun
 from tests.method_utils import batches, build_method, tiny_context
@@ -24,7 +24,7 @@ ONE_THREAD = {"OMP_NUM_THREADS": "1"}
 def fast_stages(monkeypatch):
     """The in-process stages skip the reliability diagram (matplotlib dominates a tiny stage)
     and use one thread."""
-    monkeypatch.setattr(Trainer, "_reliability_plot", lambda self, logits, labels, split: None)
+    monkeypatch.setattr(ReliabilityPlots, "on_predictions", lambda self, *args: None)
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     yield

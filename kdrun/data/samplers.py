@@ -17,6 +17,8 @@ from collections.abc import Iterator
 
 import torch
 
+from kdrun.errors import ConfigError
+
 
 def epoch_generator(seed: int, epoch: int, salt: int = 0) -> torch.Generator:
     """A CPU generator seeded from (seed, epoch, salt) — independent streams per epoch."""
@@ -84,8 +86,18 @@ class BatchSampler:
         return tuple(sizes)
 
     def epoch_layout(self) -> list[tuple[int, ...]]:
-        """``rank_sizes`` of every step of the current epoch."""
-        return [self.rank_sizes(b.shape[0]) for b in self.global_batches()]
+        """``rank_sizes`` of every step of the current epoch; a step that would leave a rank
+        without samples is a :class:`~kdrun.errors.ConfigError` (before it runs)."""
+        layouts = [self.rank_sizes(b.shape[0]) for b in self.global_batches()]
+        for step, sizes in enumerate(layouts):
+            if min(sizes) == 0:
+                raise ConfigError(
+                    f"step {step} of epoch {self.epoch + 1} has {sum(sizes)} samples for "
+                    f"{len(sizes)} ranks, so a rank would train on none: set "
+                    "trainer.drop_last=true or a trainer.batch_size whose last batch has at "
+                    "least one sample per rank"
+                )
+        return layouts
 
     def iter_from(self, start: int = 0) -> Iterator[torch.Tensor]:
         for batch in self.global_batches()[start:]:
@@ -97,3 +109,20 @@ class BatchSampler:
     def __len__(self) -> int:
         full, rest = divmod(self.num_samples, self.batch_size)
         return full + (1 if rest and not self.drop_last else 0)
+
+
+def train_sampler(method, targets: torch.Tensor, settings, seed: int, dist) -> BatchSampler:
+    """The method's own batch sampler (``Method.train_batch_sampler``: pairs, overlapping
+    batches, kept samples) or shuffled global batches, for ``settings.batch_size`` and
+    ``settings.drop_last`` on rank ``dist.rank`` of ``dist.world_size``."""
+    custom = method.train_batch_sampler(
+        targets, settings.batch_size, seed, dist.rank, dist.world_size, settings.drop_last
+    )
+    return custom or BatchSampler(
+        targets.shape[0],
+        settings.batch_size,
+        seed=seed,
+        drop_last=settings.drop_last,
+        rank=dist.rank,
+        world_size=dist.world_size,
+    )
