@@ -6,13 +6,18 @@ filter in the sampler, the students' losses, the significance hand-off through t
 
 from __future__ import annotations
 
+import inspect
 import json
 from pathlib import Path
 
 import pytest
 import torch
+from hydra.utils import get_object
+from omegaconf import OmegaConf
 from torch import nn
 
+import kdrun.methods
+from kdrun.config import RUNTIME_ARGS, knob_rules
 from kdrun.errors import ConfigError
 from kdrun.methods import self_regulated as sr
 from kdrun.methods.base import Batch
@@ -402,14 +407,6 @@ def test_each_student_declares_exactly_its_own_knobs(name):
     """The one student implementation shows each method only its knobs: in the signature that
     validation reads, in ``ranges``, and as a TypeError for a knob of another student; the YAML
     names the class by module path and ``kdrun.methods.<Class>`` finds the same class."""
-    import inspect
-
-    from hydra.utils import get_object
-    from omegaconf import OmegaConf
-
-    import kdrun.methods
-    from kdrun.config import RUNTIME_ARGS, knob_rules
-
     conf = Path(__file__).resolve().parents[1] / "conf" / "method" / f"{name}.yaml"
     target = OmegaConf.load(conf)._target_
     cls = get_object(target)
