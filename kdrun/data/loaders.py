@@ -1,4 +1,4 @@
-"""Train and eval loaders over :class:`~kdrun.data.datasets.Datasets`.
+"""Train and eval loaders over :class:`~kdrun.data.spec.Datasets`.
 
 Two interchangeable loaders yield ``(x, y, index)`` batches on the training device:
 

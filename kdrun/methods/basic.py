@@ -1,4 +1,4 @@
-"""Single-stage, stateless baselines: cross-entropy and label smoothing (METHODS.md §1)."""
+"""Single-stage, stateless baselines: cross-entropy and label smoothing (docs/methods.md)."""
 
 from __future__ import annotations
 

@@ -1,5 +1,5 @@
 """Born-again networks — sequential self-distillation generations (Furlanello et al., "Born
-Again Neural Networks", ICML 2018; METHODS.md §1 and §6).
+Again Neural Networks", ICML 2018; docs/methods.md).
 
 Algorithm (``method=born_again``, ``G = generations``)::
 

@@ -1,13 +1,13 @@
 """BYOT — be your own teacher (Zhang et al., "Be Your Own Teacher: Improve the Performance of
-Convolutional Neural Networks via Self Distillation", ICCV 2019; METHODS.md §1).
+Convolutional Neural Networks via Self Distillation", ICCV 2019; docs/methods.md).
 
 Architecture
 ------------
 A backbone with ``L`` stages gets ``L - 1`` auxiliary exits, one after each of stages
 ``1 .. L-1``; the deep classifier ``p`` is the backbone's own head (stage ``L`` plus its pool and
 classifier). This is the usual BYOT layout — ResNet-18: 3 shallow exits + the deep classifier;
-3-stage nets (``resnet8``, ``wrn_16_2``, ``small_cnn``): 2 shallow exits. METHODS.md's "an exit
-after every stage" counts the deep classifier as the exit of the last stage.
+3-stage nets (``resnet8``, ``wrn_16_2``, ``small_cnn``): 2 shallow exits. Read as "an exit
+after every stage", the deep classifier is the exit of the last stage.
 
 Exit ``l`` (after stage ``l``) maps that stage's output to a pooled feature ``f_l`` with the final
 stage's width ``D`` (``model.feature_dim``), so the feature hint against the backbone's pooled
@@ -44,11 +44,11 @@ Loss (one forward pass: ``model.forward_stages(x)`` gives the stage outputs, ``f
 
 ``CE`` and ``KD_T`` (``T^2 KL(softmax(p/T) || softmax(q_l/T))``) are batch means; the feature
 term is summed over the ``D`` feature dims and **averaged over the batch**. Defaults
-``alpha = 0.1``, ``T = 3``, ``beta = 1e-6`` (METHODS.md; also the public re-implementation's
+``alpha = 0.1``, ``T = 3``, ``beta = 1e-6`` (the public re-implementation's
 defaults). Caveat on ``beta``: the public re-implementation sums the squared error over the batch as well
 (``((f - sg f_L)^2).sum()``; its mask ``(f > 0) | (f_L > 0)`` is a no-op for these non-negative
 post-ReLU features), so its ``beta`` equals ours divided by the batch size: reproducing it at
-batch 128 needs ``beta = 1.28e-4`` here. The default keeps METHODS.md's ``1e-6`` with the batch
+batch 128 needs ``beta = 1.28e-4`` here. The default keeps ``1e-6`` with the batch
 mean **[reconstructed: reduction]**; the term is then tiny (it mostly acts as a logged
 diagnostic).
 

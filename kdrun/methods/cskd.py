@@ -1,4 +1,4 @@
-"""CS-KD — class-wise self-knowledge distillation (Yun et al., CVPR 2020; METHODS.md §1).
+"""CS-KD — class-wise self-knowledge distillation (Yun et al., CVPR 2020; docs/methods.md).
 
 Reference: S. Yun, J. Park, K. Lee, J. Shin, "Regularizing Class-wise Predictions via
 Self-knowledge Distillation", CVPR 2020 (code: github.com/alinlab/cs-kd).

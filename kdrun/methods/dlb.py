@@ -1,4 +1,4 @@
-"""DLB — self-distillation from the last mini-batch (Shen et al., CVPR 2022; METHODS.md §1).
+"""DLB — self-distillation from the last mini-batch (Shen et al., CVPR 2022; docs/methods.md).
 
 Reference: Y. Shen, L. Xu, Y. Yang, Y. Li, Y. Guo, "Self-Distillation from the Last Mini-Batch for
 Consistency Regularization", CVPR 2022 (arXiv 2203.16172).

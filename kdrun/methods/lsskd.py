@@ -1,5 +1,5 @@
 """LSSKD — layered self-supervised self-distillation (Dahri et al., arXiv 2506.07055, 2025;
-METHODS.md §4). Teacher-free; auxiliary heads are training-only.
+docs/methods.md). Teacher-free; auxiliary heads are training-only.
 
 The paper body could not be read: the combination below is **[reconstructed]** from its three
 known parts (HSAKD's self-supervised-augmented auxiliary heads, PS-KD's progressive soft targets on

@@ -1,4 +1,4 @@
-"""PS-KD — progressive self-knowledge distillation (Kim et al., ICCV 2021; METHODS.md §2).
+"""PS-KD — progressive self-knowledge distillation (Kim et al., ICCV 2021; docs/methods.md).
 
 State: a :class:`~kdrun.methods.bank.SampleBank` ``P`` of shape ``[N, C]`` with each training
 sample's softmax prediction from the last time it was trained on (the previous epoch). Samples

@@ -1,5 +1,5 @@
 """Teacher-free KD (Yuan et al., "Revisiting Knowledge Distillation via Label Smoothing
-Regularization", CVPR 2020; METHODS.md §1).
+Regularization", CVPR 2020; docs/methods.md).
 
 ``TFKDReg`` (``method=tf_kd_reg``) — distillation from a hand-made *virtual teacher*
 ===================================================================================
@@ -37,13 +37,13 @@ ResNet-18 on CIFAR-100, undoes the ``1/C``). ``variant: reference_code`` reprodu
 which equals the authors' loss with their multiplier ``m`` when ``multiplier = m / C`` (so
 ``multiplier = 1`` is their CIFAR-100 ResNet-18 setting, ``m = 100``). The paper writes the term
 as ``D_KL(p^d_tau, p_tau)`` without spelling out how the virtual distribution is softened; the
-``spec`` form is METHODS.md's reading, the ``reference_code`` form is what produced the published
+``spec`` form is kdrun's reading, the ``reference_code`` form is what produced the published
 numbers.
 
 Knobs and defaults: ``a = 0.99``, ``T = 20``, ``alpha = 0.1`` (the authors' CIFAR-100 ResNet-18
 settings: ``correct_prob``, ``reg_temperature``, ``reg_alpha``), ``multiplier = 1`` (exposed only to
 reproduce the authors' numbers), ``variant = spec``. None of them is a reconstruction; the
-``spec`` form of the temperature scaling is METHODS.md's choice (see above).
+``spec`` form of the temperature scaling is kdrun's choice (see above).
 
 Cost: the virtual teacher's log-probabilities are built per step from ``y`` alone as one
 ``[B, C]`` tensor (``full`` + ``scatter``; no ``[N, C]`` state, no Python loop, no host sync), so
@@ -142,7 +142,7 @@ class TFKDReg(Method):
 
 class TFKDSelf(Method):
     """``tf_kd_self``: teacher-free KD with the model's own trained copy (Yuan et al., CVPR 2020,
-    "self-training" teacher; METHODS.md §1 and §6).
+    "self-training" teacher; docs/methods.md).
 
     Two stages, one command:
 
@@ -158,7 +158,7 @@ class TFKDSelf(Method):
        (:func:`~kdrun.methods.base.kd_loss`); ``z_t`` from the frozen teacher, forward under
        ``no_grad`` in eval mode, on the same augmented batch.
 
-    Defaults ``alpha = 0.95``, ``T = 6`` (METHODS.md §1, not marked as reconstructions there),
+    Defaults ``alpha = 0.95``, ``T = 6``,
     ``teacher_ckpt = null``. The teacher uses the student's whole recipe (optimizer, schedule,
     epochs, batch size, data order, seed); only its initialisation differs.
 
