@@ -8,21 +8,21 @@ RNGs from there, so a checkpoint saved on a GPU resumes on a CPU, on another GPU
 number of GPUs (the batch order is defined on the global batch, not per rank).
 
 Writes go to a temporary file in the same directory, are fsynced and then ``os.replace``d over the
-target, so a crash mid-write never leaves a truncated ``last.ckpt``. The previous ``last.ckpt`` is
-kept as ``prev.ckpt``; when ``last.ckpt`` is unreadable, loading reports it (naming the file) and
-falls back to ``prev.ckpt`` if that one is good.
+target (:mod:`kdrun.atomic`), so a crash mid-write never leaves a truncated ``last.ckpt``. The
+previous ``last.ckpt`` is kept as ``prev.ckpt``; when ``last.ckpt`` is unreadable, loading reports
+it (naming the file) and falls back to ``prev.ckpt`` if that one is good.
 """
 
 from __future__ import annotations
 
 import logging
 import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from kdrun.atomic import atomic_write
 from kdrun.errors import CheckpointError
 
 log = logging.getLogger("kdrun")
@@ -31,28 +31,8 @@ FORMAT_VERSION = 1
 
 
 def atomic_save(obj: Any, path: str | Path) -> None:
-    """``torch.save`` to ``path`` atomically (temp file + fsync + rename)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            torch.save(obj, fh)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    try:  # make the rename durable
-        dfd = os.open(path.parent, os.O_RDONLY)
-        try:
-            os.fsync(dfd)
-        finally:
-            os.close(dfd)
-    except OSError:
-        pass
+    """``torch.save`` to ``path`` atomically and durably (:func:`kdrun.atomic.atomic_write`)."""
+    atomic_write(path, lambda tmp: torch.save(obj, tmp), durable=True)
 
 
 def save_last(state: dict[str, Any], ckpt_dir: str | Path) -> Path:
