@@ -64,10 +64,6 @@ class TrainModule(nn.Module):
 class Trainer:
     """Runs one training stage: a model, a method, data, an optimizer recipe."""
 
-    #: a step whose ``StepOutput.weight`` sums to 0 over the ranks performs no update
-    #: (:func:`kdrun.optim_step.step_unless_empty`)
-    skips_empty_steps = True
-
     def __init__(
         self,
         *,

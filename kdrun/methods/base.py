@@ -57,13 +57,20 @@ class Batch:
     index: torch.Tensor  # [B] int64 positions in the training set
 
 
+#: the engine's contract for ``StepOutput.weight``: a step in which no sample took part on any
+#: rank leaves parameters and optimizer state untouched (:func:`kdrun.optim_step.step_unless_empty`)
+EMPTY_STEPS_SKIPPED = True
+
+
 @dataclass
 class StepOutput:
     loss: torch.Tensor  # 0-d, differentiable
     logits: torch.Tensor  # [B', C] main-head logits aligned with ``targets`` (train accuracy)
     targets: torch.Tensor | None = None  # [B'] labels for ``logits`` (default: batch.y)
     logs: dict[str, torch.Tensor] = field(default_factory=dict)  # detached 0-d tensors
-    weight: torch.Tensor | None = None  # 0-d count of samples that took part (default: B')
+    #: 0-d count of samples that took part (default: B'); a step whose weight sums to 0 over
+    #: the ranks performs no update (see :data:`EMPTY_STEPS_SKIPPED`)
+    weight: torch.Tensor | None = None
     #: the loss is already normalised over the global batch (e.g. by a participant count summed
     #: over DDP ranks); otherwise it is a mean over this rank's slice and the engine weights it
     #: by the slice's share of the global batch

@@ -28,7 +28,7 @@ non-participant cannot turn the sum into NaN.
 
 A step with no participant: the loss is exactly 0 and every gradient exactly 0 (no host sync is
 needed for that). The step reports ``StepOutput.weight = number of local participants``; an engine
-that honours it (``Trainer.skips_empty_steps``: the global weight is 0 -> parameters and optimizer
+that honours it (``kdrun.methods.base.EMPTY_STEPS_SKIPPED``: the global weight is 0 -> parameters and optimizer
 state are restored, no sync) performs no update at all. An engine that does not would still let
 SGD momentum and weight decay move the weights on such a step. Which of the two was in force is
 part of the teacher's cache key (``empty_steps`` in its ``method_settings``) and of the summary

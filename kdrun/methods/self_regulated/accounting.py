@@ -32,13 +32,6 @@ def count_stats(counts: torch.Tensor, epochs: int) -> dict[str, Any]:
     }
 
 
-def engine_skips_empty_steps() -> bool:
-    """Whether the engine performs no update on a step without participants."""
-    from kdrun.engine import Trainer
-
-    return bool(getattr(Trainer, "skips_empty_steps", False))
-
-
 class Accounting(Method):
     """Per-sample participation counts (``self.counts``), per-epoch figures, empty steps."""
 

@@ -27,6 +27,7 @@ from torch import nn
 from kdrun.errors import ConfigError
 from kdrun.methods.bank import SampleBank
 from kdrun.methods.base import (
+    EMPTY_STEPS_SKIPPED,
     POSITIVE,
     UNIT,
     Batch,
@@ -39,7 +40,6 @@ from kdrun.methods.batching import SubsetBatchSampler
 from kdrun.methods.self_regulated.accounting import (
     Accounting,
     count_stats,
-    engine_skips_empty_steps,
 )
 from kdrun.methods.self_regulated.plots import write_significance_files
 from kdrun.methods.self_regulated.rule import significance_weights
@@ -273,7 +273,7 @@ class SelfRegulatedStudent(Accounting):
         if self.uses_rule:
             out[prefix + "beta"] = self.beta
             out[prefix + "reduction"] = self.reduction
-            out["self_regulated/empty_steps_skipped"] = engine_skips_empty_steps()
+            out["self_regulated/empty_steps_skipped"] = EMPTY_STEPS_SKIPPED
         out[prefix + "teacher_ckpt"] = self.teacher_ckpt
         return out
 

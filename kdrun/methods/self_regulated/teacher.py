@@ -21,8 +21,8 @@ from torch import nn
 
 from kdrun.errors import CheckpointError, ConfigError
 from kdrun.methods.bank import SampleBank
-from kdrun.methods.base import UNIT, Batch, StepOutput
-from kdrun.methods.self_regulated.accounting import Accounting, engine_skips_empty_steps
+from kdrun.methods.base import EMPTY_STEPS_SKIPPED, UNIT, Batch, StepOutput
+from kdrun.methods.self_regulated.accounting import Accounting
 from kdrun.methods.self_regulated.rule import masked_reduce, participation_mask
 
 log = logging.getLogger("kdrun")
@@ -67,7 +67,7 @@ class SelfRegulatedTeacher(Accounting):
         out["data/epochs"] = self.completed_epochs
         out["self_regulated/beta"] = self.beta
         out["self_regulated/reduction"] = self.reduction
-        out["self_regulated/empty_steps_skipped"] = engine_skips_empty_steps()
+        out["self_regulated/empty_steps_skipped"] = EMPTY_STEPS_SKIPPED
         return out
 
 
@@ -100,7 +100,7 @@ def teacher_settings(beta: float, reduction: str) -> dict[str, Any]:
         "beta": beta,
         "reduction": reduction,
         "seed_offset": TEACHER_SEED_OFFSET,
-        "empty_steps": "skipped" if engine_skips_empty_steps() else "zero_gradient",
+        "empty_steps": "skipped" if EMPTY_STEPS_SKIPPED else "zero_gradient",
     }
 
 
