@@ -62,16 +62,7 @@ class ModelSelection(Callback):
     def on_fit_end(self, trainer: Any) -> None:
         """``final.ckpt``: the evaluated model after the last epoch (what ``test/*`` measured
         with a validation split, and the model to take without one)."""
-        if trainer.dist.is_main:
-            export = trainer.method.eval_model(trainer.model)
-            ckpt.atomic_save(
-                {
-                    "model": export.state_dict(),
-                    "epoch": trainer.epoch,
-                    "metrics": trainer.last_eval,
-                },
-                trainer.ckpt_dir / "final.ckpt",
-            )
+        export_model(trainer, "final.ckpt", metrics=trainer.last_eval)
 
     # ----- checkpointed state -------------------------------------------------------------------
     def checkpoint_state(self) -> dict[str, Any]:
@@ -91,18 +82,13 @@ class ModelSelection(Callback):
         return value > self.best_value if self.higher_is_better else value < self.best_value
 
     def _save_best(self, trainer: Any, figures: Mapping[str, float]) -> None:
-        if trainer.dist.is_main:
-            export = trainer.method.eval_model(trainer.model)
-            ckpt.atomic_save(
-                {
-                    "model": export.state_dict(),
-                    "epoch": trainer.epoch,
-                    "monitor": self.monitor_key,
-                    "value": self.best_value,
-                    "metrics": dict(figures),
-                },
-                trainer.ckpt_dir / "best.ckpt",
-            )
+        export_model(
+            trainer,
+            "best.ckpt",
+            monitor=self.monitor_key,
+            value=self.best_value,
+            metrics=dict(figures),
+        )
 
     def _final_test(self, trainer: Any) -> dict[str, float]:
         """``test/*`` of the last model and ``test_at_best/*`` of the one in ``best.ckpt``."""
@@ -127,3 +113,11 @@ class ModelSelection(Callback):
         selected = copy.deepcopy(model)
         selected.load_state_dict(ckpt.load(path)["model"])
         return selected
+
+
+def export_model(trainer: Any, name: str, **fields: Any) -> None:
+    """``checkpoints/<name>``: the evaluated model's weights, the epoch and ``fields`` (rank 0)."""
+    if trainer.dist.is_main:
+        export = trainer.method.eval_model(trainer.model)
+        state = {"model": export.state_dict(), "epoch": trainer.epoch, **fields}
+        ckpt.atomic_save(state, trainer.ckpt_dir / name)
