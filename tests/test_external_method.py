@@ -21,13 +21,13 @@ import re
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 import torch
 
 from tests.conftest import ROOT, run_kdrun
+from tests.test_cli import only_run_dir, wait_for_glob
 
 GUIDE = ROOT / "CONTRIBUTING.md"
 FILE_BLOCK = re.compile(r"^```[a-z]+\n# ([\w./-]+\.(?:py|yaml))\n(.*?)^```$", re.M | re.S)
@@ -77,22 +77,6 @@ def env_for(repo: Path, cwd: Path) -> dict[str, str]:
     return {"PYTHONPATH": path, "OMP_NUM_THREADS": "1", "KDRUN_DATA_DIR": str(cwd / "data")}
 
 
-def only_run_dir(cwd: Path) -> Path:
-    runs = sorted((cwd / "outputs" / "runs").iterdir())
-    assert len(runs) == 1, runs
-    return runs[0]
-
-
-def wait_for(root: Path, pattern: str, proc: subprocess.Popen, timeout: float = 240) -> None:
-    deadline = time.time() + timeout
-    while not list(root.glob(pattern)):
-        assert proc.poll() is None, (
-            f"ended before {pattern} appeared:\n{proc.stdout.read()[-3000:]}"
-        )
-        assert time.time() < deadline, f"{pattern} did not appear under {root}"
-        time.sleep(0.02)
-
-
 def kill9_then_resume(
     args: list[str], cwd: Path, env: dict[str, str], pattern: str
 ) -> tuple[Path, dict[str, int]]:
@@ -109,7 +93,7 @@ def kill9_then_resume(
         text=True,
     )
     try:
-        wait_for(cwd / "outputs" / "runs", pattern, proc)
+        wait_for_glob(cwd / "outputs" / "runs", pattern, proc)
         os.kill(proc.pid, signal.SIGKILL)
     finally:
         proc.wait()
