@@ -71,6 +71,24 @@ def run_kdrun(
     return proc
 
 
+def start_kdrun(
+    args: list[str], cwd: Path, env: dict | None = None, **popen: object
+) -> subprocess.Popen:
+    """Start ``python -m kdrun ARGS`` in the background (stdout and stderr together, as text);
+    ``env`` is added to the environment, with ``KDRUN_DATA_DIR`` under ``cwd`` unless given."""
+    full_env = {**os.environ, **(env or {})}
+    full_env.setdefault("KDRUN_DATA_DIR", str(cwd / "data"))
+    return subprocess.Popen(
+        [sys.executable, "-m", "kdrun", *args],
+        cwd=cwd,
+        env=full_env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        **popen,
+    )
+
+
 @pytest.fixture
 def kdrun_cli():
     return run_kdrun

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.conftest import ROOT, run_kdrun
+from tests.conftest import ROOT, run_kdrun, start_kdrun
 from tests.wandb_reader import history, read_records
 
 SMOKE = [
@@ -170,15 +170,7 @@ def test_resume_after_kill9_matches_uninterrupted_run(tmp_path):
     ref_dir.mkdir()
     kill_dir.mkdir()
     run_kdrun(args, cwd=ref_dir)
-    env = {**os.environ, "KDRUN_DATA_DIR": str(kill_dir / "data")}
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "kdrun", *args],
-        cwd=kill_dir,
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-    )
+    proc = start_kdrun(args, cwd=kill_dir)
     wait_for_glob(kill_dir / "outputs" / "runs", "*/checkpoints/last.ckpt", proc)
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
@@ -256,15 +248,7 @@ def test_fashion_mnist_one_epoch_from_debian_files(tmp_path):
 
 def test_sigterm_checkpoints_and_stops_then_resumes(tmp_path):
     args = [*SMOKE, "trainer.epochs=4", "logger=none"]
-    env = {**os.environ, "KDRUN_DATA_DIR": str(tmp_path / "data")}
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "kdrun", *args],
-        cwd=tmp_path,
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-    )
+    proc = start_kdrun(args, cwd=tmp_path)
     wait_for_glob(tmp_path / "outputs" / "runs", "*/checkpoints/last.ckpt", proc)
     proc.send_signal(signal.SIGTERM)
     out, _ = proc.communicate(timeout=120)

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import subprocess
 import sys
 import time
@@ -23,7 +22,7 @@ import pytest
 
 from tests.conftest import ROOT
 from tests.test_external_method import GUIDE, guide_files
-from tests.test_readme_commands import Command, readme_commands
+from tests.test_readme_commands import Command, project_copy, readme_commands
 
 
 def without_other_code_blocks(text: str) -> str:
@@ -57,22 +56,6 @@ def test_every_command_is_run_or_marked():
     assert any(c.heading.startswith(WALKTHROUGH) for c in run_here)
     assert any(c.text.startswith("python -m kdrun") for c in run_here)
     assert any(c.text.startswith("python -m pytest") for c in run_here)
-
-
-def project_copy(dest: Path) -> Path:
-    files = subprocess.run(
-        ["git", "ls-files", "-co", "--exclude-standard"],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        check=True,
-    ).stdout.splitlines()
-    for rel in files:
-        src = ROOT / rel
-        if src.is_file() and not rel.startswith("outputs/"):
-            (dest / rel).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(src, dest / rel)
-    return dest
 
 
 def run(command: Command, cwd: Path, env: dict[str, str]) -> str:

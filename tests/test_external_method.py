@@ -19,14 +19,12 @@ import json
 import os
 import re
 import signal
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
-from tests.conftest import ROOT, run_kdrun
+from tests.conftest import ROOT, run_kdrun, start_kdrun
 from tests.test_cli import only_run_dir, wait_for_glob
 
 GUIDE = ROOT / "CONTRIBUTING.md"
@@ -84,14 +82,7 @@ def kill9_then_resume(
     dir, run the same command again. Returns the run dir (checked to be the same one) and the
     modification times of the checkpoints the killed process left behind."""
     cwd.mkdir()
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "kdrun", *args],
-        cwd=cwd,
-        env={**os.environ, **env},
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-    )
+    proc = start_kdrun(args, cwd=cwd, env=env)
     try:
         wait_for_glob(cwd / "outputs" / "runs", pattern, proc)
         os.kill(proc.pid, signal.SIGKILL)

@@ -38,7 +38,7 @@ import pytest
 import torch
 
 from kdrun.stages import StageRunner
-from tests.conftest import run_kdrun
+from tests.conftest import run_kdrun, start_kdrun
 from tests.dist_utils import free_port
 from tests.method_utils import build_method, tiny_context
 from tests.test_cli import only_run_dir, wait_for_glob
@@ -215,14 +215,7 @@ def test_resume_on_gpu_after_kill9_matches_uninterrupted_run(tmp_path):
     ref_dir.mkdir()
     kill_dir.mkdir()
     run_kdrun(args, cwd=ref_dir)
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "kdrun", *args],
-        cwd=kill_dir,
-        env={**os.environ, "KDRUN_DATA_DIR": str(kill_dir / "data")},
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-    )
+    proc = start_kdrun(args, cwd=kill_dir)
     wait_for_glob(kill_dir / "outputs" / "runs", "*/checkpoints/last.ckpt", proc)
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()

@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 from omegaconf import OmegaConf
 
-from tests.conftest import run_kdrun
+from tests.conftest import run_kdrun, start_kdrun
 from tests.test_cli import wait_for_glob
 from tests.test_slurm import slurm_cluster  # noqa: F401  (the fixture)
 
@@ -117,16 +117,7 @@ def test_study_runs_scores_on_validation_and_resumes_to_its_total(tmp_path):
 
 def test_interrupted_trial_reruns_its_parameters_from_its_checkpoint(tmp_path):
     args = [*BASE, "trainer.epochs=4", "hydra.sweeper.n_trials=2"]
-    env = {**os.environ, "KDRUN_DATA_DIR": str(tmp_path / "data")}
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "kdrun", *args],
-        cwd=tmp_path,
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        start_new_session=True,
-    )
+    proc = start_kdrun(args, cwd=tmp_path, start_new_session=True)
     # stop the sweep (SIGTERM, as a scheduler would) once trial 0 has checkpointed an epoch
     sweeps = tmp_path / "outputs" / "multiruns"
     wait_for_glob(sweeps, "*/0/checkpoints/last.ckpt", proc)

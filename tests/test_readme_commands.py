@@ -244,11 +244,9 @@ class Workspace:
         return max(found, key=lambda p: p.stat().st_mtime) if found else None
 
 
-@pytest.fixture(scope="module")
-def workspace(tmp_path_factory) -> Workspace:
-    from tests.fake_datasets import write_fake_cifar
-
-    root = tmp_path_factory.mktemp("readme") / "kdrun"
+def project_copy(dest: Path) -> Path:
+    """The project's tracked and untracked-not-ignored files (no run outputs) copied to ``dest``,
+    so documented commands run as in a fresh checkout."""
     files = subprocess.run(
         ["git", "ls-files", "-co", "--exclude-standard"],
         cwd=ROOT,
@@ -259,8 +257,16 @@ def workspace(tmp_path_factory) -> Workspace:
     for rel in files:
         src = ROOT / rel
         if src.is_file() and not rel.startswith("outputs/"):
-            (root / rel).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(src, root / rel)
+            (dest / rel).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(src, dest / rel)
+    return dest
+
+
+@pytest.fixture(scope="module")
+def workspace(tmp_path_factory) -> Workspace:
+    from tests.fake_datasets import write_fake_cifar
+
+    root = project_copy(tmp_path_factory.mktemp("readme") / "kdrun")
     data = root.parent / "data"
     write_fake_fashion_mnist(data)
     md5s = {}

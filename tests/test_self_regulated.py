@@ -24,7 +24,7 @@ from kdrun.methods.base import Batch
 from kdrun.methods.self_regulated import teacher as sr_teacher
 from kdrun.metric_logging import ReliabilityPlots
 from kdrun.stages import StageRunner
-from tests.conftest import run_kdrun
+from tests.conftest import run_kdrun, start_kdrun
 from tests.method_utils import batches, build_method, tiny_context
 
 ONE_THREAD = {"OMP_NUM_THREADS": "1"}
@@ -536,8 +536,6 @@ def test_kill_during_a_stage_resumes_that_stage(tmp_path, stage):
     again — and ends bit-identical to an uninterrupted run."""
     import os
     import signal
-    import subprocess
-    import sys
 
     from tests.conftest import run_kdrun
     from tests.test_cli import only_run_dir, wait_for_glob
@@ -559,14 +557,7 @@ def test_kill_during_a_stage_resumes_that_stage(tmp_path, stage):
     ref_dir.mkdir()
     kill_dir.mkdir()
     run_kdrun(args, cwd=ref_dir)
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "kdrun", *args],
-        cwd=kill_dir,
-        env={**os.environ, "KDRUN_DATA_DIR": str(kill_dir / "data")},
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-    )
+    proc = start_kdrun(args, cwd=kill_dir)
     runs = kill_dir / "outputs" / "runs"
     # the teacher stage checkpoints under <run>/teacher/, the student under <run>/checkpoints/
     wait_for_glob(

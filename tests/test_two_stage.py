@@ -13,7 +13,7 @@ import torch
 from kdrun import checkpoint as ckpt
 from kdrun.metric_logging import ReliabilityPlots
 from kdrun.stages import StageRunner
-from tests.conftest import run_kdrun
+from tests.conftest import run_kdrun, start_kdrun
 from tests.method_utils import batches, build_method, tiny_context
 
 #: one intra-op thread: on a shared 2-core machine two threads per process are 5-15x slower
@@ -308,10 +308,7 @@ def test_killed_in_student_stage_after_teacher_cached_keeps_steps_increasing(tmp
     command: the teacher comes from the cache, its steps still count, so the steps in
     metrics.jsonl and in the W&B offline run never go backwards; ``teacher/cached`` says the
     teacher was trained by this run (in its first launch)."""
-    import os
     import signal
-    import subprocess
-    import sys
 
     from tests import wandb_reader as wr
     from tests.test_cli import wait_for_glob
@@ -331,15 +328,7 @@ def test_killed_in_student_stage_after_teacher_cached_keeps_steps_increasing(tmp
         "method=tf_kd_self",
         f"paths.teacher_cache={tmp_path / 'cache'}",
     ]
-    env = {**os.environ, **ONE_THREAD, "KDRUN_DATA_DIR": str(tmp_path / "data")}
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "kdrun", *args],
-        cwd=tmp_path,
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-    )
+    proc = start_kdrun(args, cwd=tmp_path, env=ONE_THREAD)
     runs = tmp_path / "outputs" / "runs"
     wait_for_glob(runs, "*/checkpoints/last.ckpt", proc)  # the student's (teacher: teacher/...)
     proc.send_signal(signal.SIGKILL)
