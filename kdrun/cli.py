@@ -39,6 +39,7 @@ from kdrun.console import Console, SilentConsole
 from kdrun.errors import DatasetError, KdrunError
 from kdrun.evaluation import count_params
 from kdrun.lifecycle import RunLifecycle, load_resume_state, set_determinism
+from kdrun.methods.base import StageResult
 from kdrun.preemption import Preempted, request_requeue
 from kdrun.stages import RunContext, StageRunner
 
@@ -80,7 +81,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
             ctx, cache_dir=Path(cfg.paths.teacher_cache), resume=cfg.resume != "never"
         )
         method.prepare(runner)
-        trainer = ctx.make_trainer(ctx.new_model(), method, step_offset=runner.step_offset)
+        trainer = ctx.make_trainer(ctx.new_model(), method, step_offset=runner.step)
         trainer.callbacks.extend(hpo.trial_callbacks(cfg, run.run_dir))  # report/prune a trial
         pruned: hpo.TrialPruned | None = None
         try:
@@ -88,7 +89,18 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         except hpo.TrialPruned as exc:  # the search stopped this trial; its checkpoint is written
             log.info("%s", exc)
             pruned, run.status = exc, "pruned"
-        runner.final_metrics = trainer.final_metrics()
+        final = trainer.final_metrics()
+        method.finish(
+            StageResult(
+                name="",
+                model=trainer.model,
+                method=method,
+                metrics=final,
+                first_step=runner.step,
+                steps=trainer.global_step,
+                artifacts={"checkpoints": trainer.ckpt_dir},
+            )
+        )
         summary = run_summary(
             cfg,
             data,
@@ -97,9 +109,10 @@ def train(cfg: DictConfig) -> dict[str, Any]:
             amp,
             timing={"train_time_s": trainer.train_time_s},
             stages=runner.summary,
-            final=trainer.final_metrics(),
+            final=final,
             method=method.summary(),
             pruned={"pruned": True, "pruned_epoch": pruned.epoch} if pruned else {},
+            files={"files": runner.files} if runner.files else {},
         )
         if run.info.is_main:
             run.logger.log_summary(summary)

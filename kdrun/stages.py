@@ -4,8 +4,11 @@
 :class:`RunContext` holds what every stage of one run shares (config, data, device, settings,
 logger, console, run dir) and builds models and :class:`~kdrun.engine.Trainer` objects.
 
-:class:`StageRunner` is what a method's ``prepare(runner)`` receives. ``run_stage(name, method)``
-trains a fresh model with ``method`` and returns it frozen in eval mode:
+:class:`StageRunner` is what a method's ``prepare(runner)`` receives (the protocol
+:class:`kdrun.methods.base.StageRunner`). ``run_stage(name, method)`` trains a fresh model with
+``method`` and returns a :class:`~kdrun.methods.base.StageResult`: the model, frozen in eval mode,
+the stage method with its state, the stage's final metrics, its span on the run's step axis
+(``first_step``, ``steps``), whether it came from the cache, and its files:
 
 * the stage logs under the prefix ``<name>/`` (``teacher/test/acc1``) into the same
   ``metrics.jsonl`` and W&B run, with steps that continue into the next stage;
@@ -22,8 +25,12 @@ trains a fresh model with ``method`` and returns it frozen in eval mode:
 * finished stages (the model and the stage method's state, e.g. per-sample counts) are cached
   under ``paths.teacher_cache`` by a hash of everything that determines them (dataset, model,
   optimizer, schedule, trainer recipe, seed, amp, the stage method's settings), so a sweep over
-  student knobs trains each teacher once. While a stage
-  trains, its cache entry is locked: a parallel job with the same teacher waits and reuses it.
+  student knobs trains each teacher once. While a stage trains, its cache entry is locked: a
+  parallel job with the same teacher waits and reuses it.
+
+A method writes files of the run through ``runner.output_path(relpath)`` (``None`` on ranks that
+write nothing; the paths are listed in ``summary.json`` as ``files``) and logs the images among
+them with ``runner.log_figure(key, png)`` at the step where the main training starts.
 """
 
 from __future__ import annotations
@@ -32,6 +39,7 @@ import fcntl
 import hashlib
 import json
 import logging
+from collections.abc import Mapping
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -49,7 +57,7 @@ from kdrun.data.spec import Datasets
 from kdrun.engine import Trainer
 from kdrun.errors import CheckpointError
 from kdrun.loggers.base import Logger
-from kdrun.methods.base import Method
+from kdrun.methods.base import Method, StageResult
 from kdrun.settings import HardwareSettings, TrainerSettings
 
 log = logging.getLogger("kdrun")
@@ -150,36 +158,66 @@ def stage_key(
 
 
 class StageRunner:
-    """Runs earlier training stages for a method's ``prepare``; see the module docstring."""
+    """Runs earlier training stages for a method's ``prepare``; see the module docstring.
+
+    The CLI reads back :attr:`results` (one :class:`StageResult` per stage, in order),
+    :attr:`step` (where the main training starts), :attr:`summary` (every stage's figures) and
+    :attr:`files` (what methods wrote through :meth:`output_path`)."""
 
     def __init__(self, ctx: RunContext, cache_dir: Path | None, resume: bool = True) -> None:
         self.ctx = ctx
         self.cache_dir = Path(cache_dir) if cache_dir else None
         self.resume = resume
-        self.step_offset = 0
-        self.summary: dict[str, Any] = {}
-        self.stages_run: list[str] = []
-        #: the main training's final metrics, set by the CLI after ``fit`` (for summaries that
-        #: tabulate every stage, e.g. born-again generations)
-        self.final_metrics: dict[str, Any] = {}
+        self.results: list[StageResult] = []
+        self.files: list[str] = []
+
+    @property
+    def step(self) -> int:
+        return self.results[-1].next_step if self.results else 0
+
+    @property
+    def summary(self) -> dict[str, Any]:
+        """Every stage's figures (``<name>/test/acc1``, ``<name>/cached``, ...) in stage order."""
+        out: dict[str, Any] = {}
+        for result in self.results:
+            out.update(result.metrics)
+            out[f"{result.name}/cached"] = result.cached
+        return out
+
+    @property
+    def stages_run(self) -> list[str]:
+        return [result.name for result in self.results]
+
+    def output_path(self, relpath: str) -> Path | None:
+        if not self.ctx.is_main:
+            return None
+        path = self.ctx.run_dir / relpath
+        path.parent.mkdir(parents=True, exist_ok=True)
+        if relpath not in self.files:
+            self.files.append(relpath)
+        return path
+
+    def log_figure(self, key: str, png: Path) -> None:
+        if self.ctx.is_main:
+            self.ctx.logger.log_image(key, png, step=self.step)
 
     def run_stage(
         self,
         name: str,
         method: Method,
         *,
-        method_settings: dict[str, Any] | None = None,
+        method_settings: Mapping[str, Any] | None = None,
         model_cfg: DictConfig | None = None,
         epochs: int | None = None,
         seed_offset: int = 1000,
-    ) -> nn.Module:
+    ) -> StageResult:
         ctx = self.ctx
         epochs = int(epochs or ctx.settings.epochs)
         settings = replace(ctx.settings, epochs=epochs)
         key = stage_key(
             ctx,
             name,
-            method_settings or {"class": type(method).__name__},
+            dict(method_settings or {"class": type(method).__name__}),
             model_cfg,
             epochs,
             seed_offset,
@@ -198,14 +236,12 @@ class StageRunner:
                 if "method" in state:  # the stage method's state (e.g. per-sample counts)
                     method.load_state_dict(state["method"], strict=False)
                 log.info("%s: reusing the cached stage %s", name, cache_file)
-                record = _read_stage_record(stage_dir)
                 steps = state.get("steps")
                 if steps is None:  # entries written before the step count was stored
                     steps = epochs * _steps_per_epoch(ctx.num_samples(), settings)
-                self.step_offset += int(steps)
-                self.summary.update(state.get("metrics", {}))
-                # cached=False when an earlier launch of this same run trained it
-                self.summary[f"{name}/cached"] = record.get("key") != key
+                metrics = dict(state.get("metrics", {}))
+                # not cached when an earlier launch of this same run trained it
+                cached = _read_stage_record(stage_dir).get("key") != key
             else:
                 log.info(
                     "%s: training the stage (%d epochs)%s",
@@ -213,29 +249,10 @@ class StageRunner:
                     epochs,
                     f", cache key {key}" if cache_file else "",
                 )
-                trainer = ctx.make_trainer(
-                    model,
-                    method,
-                    prefix=f"{name}/",
-                    run_dir=stage_dir,
-                    settings=settings,
-                    step_offset=self.step_offset,
-                )
-                state = None
-                if self.resume:
-                    state = ckpt.load_latest(stage_dir / "checkpoints")
-                trainer.fit(state)
-                if ctx.data.has_validation:
-                    _load_selected(trainer, name)
-                self.step_offset += trainer.global_step
-                metrics = trainer.final_metrics()
-                metrics[f"{name}/train_time_s"] = trainer.train_time_s
-                metrics.update({f"{name}/{k}": v for k, v in method.summary().items()})
-                self.summary.update(metrics)
-                self.summary[f"{name}/cached"] = False
-                model = trainer.model
+                model, steps, metrics = self._train(name, model, method, settings, stage_dir)
+                cached = False
                 if ctx.is_main:
-                    _write_stage_record(stage_dir, {"key": key, "steps": trainer.global_step})
+                    _write_stage_record(stage_dir, {"key": key, "steps": steps})
                 if cache_file is not None and ctx.is_main:
                     ckpt.atomic_save(
                         {
@@ -243,15 +260,53 @@ class StageRunner:
                             "method": method.state_dict(),
                             "metrics": metrics,
                             "key": key,
-                            "steps": trainer.global_step,
+                            "steps": steps,
                         },
                         cache_file,
                     )
         finally:
             if lock is not None:
                 lock.release()
-        self.stages_run.append(name)
-        return freeze(model.to(ctx.hardware.device))
+        artifacts = {"checkpoints": stage_dir / "checkpoints"}
+        if (stage_dir / "checkpoints" / "best.ckpt").is_file():
+            artifacts["best"] = stage_dir / "checkpoints" / "best.ckpt"
+        result = StageResult(
+            name=name,
+            model=freeze(model.to(ctx.hardware.device)),
+            method=method,
+            metrics=metrics,
+            first_step=self.step,
+            steps=int(steps),
+            cached=cached,
+            artifacts=artifacts,
+        )
+        self.results.append(result)
+        return result
+
+    def _train(
+        self,
+        name: str,
+        model: nn.Module,
+        method: Method,
+        settings: TrainerSettings,
+        stage_dir: Path,
+    ) -> tuple[nn.Module, int, dict[str, Any]]:
+        """Fit (or resume) the stage; ``(selected model, steps, prefixed final metrics)``."""
+        trainer = self.ctx.make_trainer(
+            model,
+            method,
+            prefix=f"{name}/",
+            run_dir=stage_dir,
+            settings=settings,
+            step_offset=self.step,
+        )
+        trainer.fit(ckpt.load_latest(stage_dir / "checkpoints") if self.resume else None)
+        if self.ctx.data.has_validation:
+            _load_selected(trainer, name)
+        metrics = trainer.final_metrics()
+        metrics[f"{name}/train_time_s"] = trainer.train_time_s
+        metrics.update({f"{name}/{k}": v for k, v in method.summary().items()})
+        return trainer.model, trainer.global_step, metrics
 
     def load_model(self, path: str | Path, model_cfg: DictConfig | None = None) -> nn.Module:
         """A frozen model from a checkpoint (``best.ckpt``, ``last.ckpt`` or a cache entry)."""

@@ -165,6 +165,10 @@ def test_method_with_a_stage_resumes_after_kill9(user_repo, tmp_path):
     for key in (*COMPARED, *(f"teacher/{k}" for k in COMPARED)):
         assert new_sum[key] == ref_sum[key], key
     assert new_sum["teacher/cached"] is False  # trained by this run, in its first launch
+    # the file the method wrote through runner.output_path, from the stage's result
+    assert new_sum["files"] == ["teacher.json"]
+    report = json.loads((run / "teacher.json").read_text())
+    assert report == {"acc1": new_sum["teacher/test/acc1"], "steps": STEPS_PER_EPOCH}
     assert_same_state(last_state(ref)["model"], last_state(run)["model"], "student")
     assert_same_state(
         last_state(ref, "teacher")["model"], last_state(run, "teacher")["model"], "teacher"

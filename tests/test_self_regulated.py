@@ -500,7 +500,9 @@ def test_cli_smoke(tmp_path, name):
     hist = summary["teacher/data/significance_hist"]
     assert len(hist) == 2 and sum(hist) == n
     assert summary["data/participation_hist"][1] == summary["data/distinct_samples"]
-    for rel in ("plots/significance_hist.png", "plots/significance_hist.json", "significance.pt"):
+    files = ["significance.pt", "plots/significance_hist.png", "plots/significance_hist.json"]
+    assert summary["files"] == files  # what the method wrote through runner.output_path
+    for rel in files:
         assert (run / rel).is_file(), rel
     events = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
     assert any("teacher/data/participation" in e for e in events)

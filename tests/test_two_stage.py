@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from kdrun import checkpoint as ckpt
+from kdrun.methods.base import StageResult
 from kdrun.metric_logging import ReliabilityPlots
 from kdrun.stages import StageRunner
 from tests.conftest import run_kdrun, start_kdrun
@@ -66,14 +67,14 @@ def same_weights(a: torch.nn.Module, b: torch.nn.Module) -> bool:
 
 
 def record_stages(runner: StageRunner) -> list[dict]:
-    """Wrap ``runner.run_stage`` to record (name, method, kwargs, returned model) per call."""
+    """Wrap ``runner.run_stage`` to record (name, method, kwargs, result) per call."""
     calls: list[dict] = []
     original = runner.run_stage
 
     def run_stage(name, method, **kwargs):
-        model = original(name, method, **kwargs)
-        calls.append({"name": name, "method": method, "kwargs": kwargs, "model": model})
-        return model
+        result = original(name, method, **kwargs)
+        calls.append({"name": name, "method": method, "kwargs": kwargs, "result": result})
+        return result
 
     runner.run_stage = run_stage
     return calls
@@ -171,9 +172,16 @@ def test_born_again_runs_generations_and_distils_from_the_last(tmp_path):
     assert [c["name"] for c in calls] == ["gen0", "gen1"]
     assert [c["kwargs"]["seed_offset"] for c in calls] == [1000, 1001]
     assert type(calls[0]["method"]).__name__ == "CrossEntropy"
-    assert calls[1]["method"].teacher is calls[0]["model"]  # gen1 learnt from gen0
-    assert method.teacher is calls[1]["model"]  # the main run (gen2) learns from gen1
-    assert not same_weights(calls[0]["model"], calls[1]["model"])
+    gen0, gen1 = (c["result"] for c in calls)
+    assert calls[1]["method"].teacher is gen0.model  # gen1 learnt from gen0
+    assert method.teacher is gen1.model  # the main run (gen2) learns from gen1
+    assert not same_weights(gen0.model, gen1.model)
+    # each result: the stage's own method, its metrics, its span on the run's step axis
+    assert gen0.method is calls[0]["method"] and gen1.method is calls[1]["method"]
+    assert gen0.first_step == 0 and gen0.steps > 0 and gen1.first_step == gen0.next_step
+    assert runner.step == gen1.next_step == 2 * gen0.steps  # same recipe, same step count
+    assert gen0.metrics["gen0/test/acc1"] == runner.summary["gen0/test/acc1"]
+    assert not gen0.cached and gen0.artifacts["checkpoints"].is_dir()
     # the key chain: gen1's settings contain gen0's in full
     s0, s1 = (c["kwargs"]["method_settings"] for c in calls)
     assert s1["previous"] == s0 and s1["generation"] == 1 and s0["generation"] == 0
@@ -189,8 +197,17 @@ def test_born_again_runs_generations_and_distils_from_the_last(tmp_path):
         runner.summary["gen0/test/ece"],
         runner.summary["gen1/test/ece"],
     ]
-    # once the runner exposes the main run's metrics (runner.final_metrics), they close the list
-    runner.final_metrics = {"test/acc1": 0.25, "test/ece": 0.125}
+    # the main run's result (Method.finish) closes the lists
+    method.finish(
+        StageResult(
+            name="",
+            model=model,
+            method=method,
+            metrics={"test/acc1": 0.25, "test/ece": 0.125},
+            first_step=runner.step,
+            steps=gen0.steps,
+        )
+    )
     summary = method.summary()
     assert summary["born_again/acc1_by_generation"][2:] == [0.25]
     assert summary["born_again/ece_by_generation"][2:] == [0.125]
@@ -206,6 +223,9 @@ def test_born_again_runs_generations_and_distils_from_the_last(tmp_path):
     build_method(cfg, ctx, runner)
     assert runner.summary["gen0/cached"] is True
     assert runner.summary["gen1/cached"] is False
+    cached_gen0, new_gen1 = runner.results
+    assert cached_gen0.cached and cached_gen0.steps == gen0.steps  # the cache keeps the count
+    assert new_gen1.first_step == gen0.steps and runner.step == 2 * gen0.steps
 
 
 def test_born_again_one_generation_is_plain_ce(tmp_path):

@@ -10,7 +10,15 @@ import pkgutil
 from importlib import import_module
 
 from kdrun.methods.bank import SampleBank
-from kdrun.methods.base import Batch, Method, StepOutput, kd_loss, soft_cross_entropy
+from kdrun.methods.base import (
+    Batch,
+    Method,
+    StageResult,
+    StageRunner,
+    StepOutput,
+    kd_loss,
+    soft_cross_entropy,
+)
 from kdrun.methods.basic import CrossEntropy, LabelSmoothing
 
 
@@ -29,6 +37,8 @@ __all__ = [
     "LabelSmoothing",
     "Method",
     "SampleBank",
+    "StageResult",
+    "StageRunner",
     "StepOutput",
     "kd_loss",
     "soft_cross_entropy",

@@ -12,8 +12,10 @@ asks which method it runs. A method:
 * computes the loss in :meth:`training_step` (called under autocast) and returns a
   :class:`StepOutput`; it never calls ``backward()`` or steps the optimizer;
 * may ask for special batches (:meth:`train_batch_sampler`: CS-KD pairs, DLB overlap);
-* may run earlier stages (teacher training) in :meth:`prepare` through the engine's
-  :class:`StageRunner`;
+* may run earlier stages (teacher training) in :meth:`prepare` through a :class:`StageRunner`,
+  which returns each stage's :class:`StageResult` (model, method state, metrics, steps, files)
+  and takes the files and figures a method writes (:meth:`StageRunner.output_path`,
+  :meth:`StageRunner.log_figure`); :meth:`finish` receives the main training's result;
 * says which module is evaluated and exported (:meth:`eval_model`: the bare backbone).
 
 Knobs (the YAML's arguments) are declared, never checked by hand: ``kdrun.config.validate`` checks
@@ -40,6 +42,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar, Protocol
 
 import torch
@@ -77,10 +80,61 @@ class StepOutput:
     loss_is_global: bool = False
 
 
-class StageRunner(Protocol):
-    """What the engine offers a multi-stage method in :meth:`Method.prepare`."""
+@dataclass(frozen=True)
+class StageResult:
+    """What one training produced: an earlier stage (:meth:`StageRunner.run_stage`) or, passed to
+    :meth:`Method.finish`, the run's main training.
 
-    def run_stage(self, name: str, method: Method, **overrides: Any) -> nn.Module: ...
+    ``steps`` optimizer steps were logged at steps ``first_step .. first_step + steps - 1`` of the
+    run's step axis (:attr:`next_step` is where the next training starts), also when a cached
+    stage was not trained by this run."""
+
+    name: str  #: the stage's name (``teacher``, ``gen0``); ``""`` for the main training
+    #: the trained model; an earlier stage's is selected like a run's (the ``eval.monitor`` epoch
+    #: with a validation split, else the last epoch) and frozen: eval mode, no gradients
+    model: nn.Module
+    method: Method  #: the method it trained with, holding its state after the last epoch
+    #: final figures, keyed as logged: ``teacher/test/acc1`` (unprefixed for the main training)
+    metrics: Mapping[str, Any]
+    first_step: int
+    steps: int
+    cached: bool = False  #: taken from ``paths.teacher_cache``: trained by another run
+    #: files it left: ``checkpoints`` (folder), ``best`` (``best.ckpt``, with a validation split)
+    artifacts: Mapping[str, Path] = field(default_factory=dict)
+
+    @property
+    def next_step(self) -> int:
+        return self.first_step + self.steps
+
+
+class StageRunner(Protocol):
+    """What a method's :meth:`Method.prepare` receives (:class:`kdrun.stages.StageRunner`)."""
+
+    @property
+    def step(self) -> int:
+        """The run's step axis where the next training starts (after every stage so far)."""
+
+    def run_stage(
+        self,
+        name: str,
+        method: Method,
+        *,
+        method_settings: Mapping[str, Any] | None = None,
+        model_cfg: Any = None,
+        epochs: int | None = None,
+        seed_offset: int = 1000,
+    ) -> StageResult:
+        """Train (or resume, or take from the cache) a fresh model with ``method``."""
+
+    def load_model(self, path: str | Path, model_cfg: Any = None) -> nn.Module:
+        """A frozen model from a checkpoint file."""
+
+    def output_path(self, relpath: str) -> Path | None:
+        """Where a method writes a file of the run (``<run dir>/<relpath>``, folder made; listed
+        in ``summary.json``'s ``files``); ``None`` on the DDP ranks that write nothing."""
+
+    def log_figure(self, key: str, png: Path) -> None:
+        """Log an image the method wrote (under :meth:`output_path`) at :attr:`step`."""
 
 
 @dataclass(frozen=True)
@@ -178,6 +232,10 @@ class Method(nn.Module):
     def eval_model(self, model: nn.Module) -> nn.Module:
         """The module that is evaluated, exported to best.ckpt and counted in ``params``."""
         return model
+
+    def finish(self, result: StageResult) -> None:
+        """Called once after the main training (every rank) with its result, before
+        :meth:`summary`: a method that tabulates every stage keeps the last one's figures."""
 
     def summary(self) -> dict[str, Any]:
         """Method-specific figures for summary.json (e.g. ``data/participation``)."""

@@ -21,8 +21,8 @@ CE. Generations ``0..G-2`` are stages ``gen0``, ``gen1``, ... of the
 :class:`~kdrun.stages.StageRunner`, so their metrics are logged with the generation index:
 ``gen0/test/acc1``, ``gen1/test/acc1``, ...; the last generation is the unprefixed ``test/*``. The
 summary adds ``born_again/acc1_by_generation`` and ``born_again/ece_by_generation`` (lists in
-generation order; they cover generations ``0..G-2`` and also ``G-1`` when the runner exposes the
-final metrics as ``runner.final_metrics`` — otherwise the last one is ``test/acc1`` / ``test/ece``).
+generation order: the stages' results from ``prepare``, then the main training's, which
+:meth:`BornAgain.finish` receives).
 
 Defaults: ``generations = 3``, ``alpha = 1`` (no ground truth for generations > 0, as in the
 paper's BAN), ``T = 1``, ``loss = kd``. ``alpha = 1``/``T = 1`` follow the paper (plain KL to the
@@ -47,12 +47,22 @@ Logs: ``train/ce`` and ``train/kd`` (or ``train/mse``): the bare terms before ``
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any, Literal
 
 import torch.nn.functional as F
 from torch import nn
 
-from kdrun.methods.base import POSITIVE, UNIT, Batch, Method, Range, StepOutput, distillation_step
+from kdrun.methods.base import (
+    POSITIVE,
+    UNIT,
+    Batch,
+    Method,
+    Range,
+    StageResult,
+    StepOutput,
+    distillation_step,
+)
 from kdrun.methods.basic import CrossEntropy
 
 #: seed offset of generation k's initialisation is GEN_SEED_OFFSET + k (main run: 0)
@@ -104,8 +114,9 @@ class BornAgain(Method):
         self.generations = int(generations)
         self.alpha, self.T, self.loss = float(alpha), float(T), loss
         object.__setattr__(self, "teacher", None)  # generation G-2, set by prepare()
-        object.__setattr__(self, "_runner", None)
         self.stage_settings: list[dict[str, Any]] = []
+        #: final metrics per generation, stages then the main training (unprefixed keys)
+        self.generation_metrics: list[Mapping[str, Any]] = []
 
     # ----- stages ---------------------------------------------------------------------------------
     def generation_settings(self, k: int, previous: dict[str, Any] | None) -> dict[str, Any]:
@@ -125,8 +136,7 @@ class BornAgain(Method):
 
     def prepare(self, runner) -> None:
         """Train (or reuse) generations ``0..G-2``; keep ``G-2`` as the frozen teacher."""
-        object.__setattr__(self, "_runner", runner)
-        self.stage_settings = []
+        self.stage_settings, self.generation_metrics = [], []
         previous_model: nn.Module | None = None
         previous: dict[str, Any] | None = None
         for k in range(self.generations - 1):
@@ -144,13 +154,14 @@ class BornAgain(Method):
                     T=self.T,
                     loss=self.loss,
                 )
-            previous_model = runner.run_stage(
+            stage = runner.run_stage(
                 f"gen{k}",
                 method,
                 method_settings=settings,
                 seed_offset=GEN_SEED_OFFSET + k,
             )
-            previous = settings
+            previous_model, previous = stage.model, settings
+            self.generation_metrics.append(unprefixed(stage.metrics, f"gen{k}/"))
             self.stage_settings.append(settings)
         object.__setattr__(self, "teacher", previous_model)
 
@@ -164,14 +175,13 @@ class BornAgain(Method):
             raise RuntimeError("born_again: prepare(runner) must run before training")
         return distillation_step(model, self.teacher, batch, self.alpha, self.T, self.loss)
 
+    def finish(self, result: StageResult) -> None:
+        """The last generation (the main training): its metrics close the per-generation lists."""
+        self.generation_metrics.append(dict(result.metrics))
+
     def summary(self) -> dict[str, Any]:
-        stats = dict(self._runner.summary) if self._runner is not None else {}
-        acc1 = [stats.get(f"gen{k}/test/acc1") for k in range(self.generations - 1)]
-        ece = [stats.get(f"gen{k}/test/ece") for k in range(self.generations - 1)]
-        final = getattr(self._runner, "final_metrics", None) or {}
-        if "test/acc1" in final:  # the main run's (last generation's) metrics, when exposed
-            acc1.append(final.get("test/acc1"))
-            ece.append(final.get("test/ece"))
+        acc1 = [metrics.get("test/acc1") for metrics in self.generation_metrics]
+        ece = [metrics.get("test/ece") for metrics in self.generation_metrics]
         return {
             "born_again/generations": self.generations,
             "born_again/loss": self.loss,
@@ -180,3 +190,8 @@ class BornAgain(Method):
             "born_again/acc1_by_generation": acc1,
             "born_again/ece_by_generation": ece,
         }
+
+
+def unprefixed(metrics: Mapping[str, Any], prefix: str) -> dict[str, Any]:
+    """``metrics`` keys that start with ``prefix``, without it."""
+    return {k[len(prefix) :]: v for k, v in metrics.items() if k.startswith(prefix)}

@@ -201,7 +201,7 @@ class TFKDSelf(Method):
                 "teacher",
                 CrossEntropy(num_classes=self.num_classes, num_samples=self.num_samples),
                 method_settings={"stage": "ce"},
-            )
+            ).model
         object.__setattr__(self, "teacher", teacher)
 
     def training_step(self, model: nn.Module, batch: Batch) -> StepOutput:

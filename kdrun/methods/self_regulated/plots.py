@@ -16,10 +16,11 @@ log = logging.getLogger("kdrun")
 
 
 def write_significance_files(
-    run_dir: Path, counts: torch.Tensor, data: dict[str, Any], logger, step: int
-) -> None:
-    """``significance.pt`` and the histogram (``data``: :func:`save_significance_hist`'s), the
-    plot logged as ``plots/significance_hist``; a failure is a warning, never fatal."""
+    counts_file: Path, png: Path, counts: torch.Tensor, data: dict[str, Any]
+) -> bool:
+    """``significance.pt`` (the counts and how they were made) and the histogram ``png`` with
+    its ``.json`` (``data``: :func:`save_significance_hist`'s); a failure is a warning, never
+    fatal. True when both were written."""
     try:
         from kdrun import checkpoint as ckpt
 
@@ -31,13 +32,13 @@ def write_significance_files(
                 "beta": data["beta"],
                 "reduction": data["reduction"],
             },
-            run_dir / "significance.pt",
+            counts_file,
         )
-        png = run_dir / "plots" / "significance_hist.png"
         save_significance_hist(data, png, png.with_suffix(".json"))
-        logger.log_image("plots/significance_hist", png, step=step)
+        return True
     except Exception as exc:  # an output file never kills training
         log.warning("significance files failed: %s", exc)
+        return False
 
 
 def save_significance_hist(data: dict[str, Any], png_path: Path, json_path: Path) -> None:

@@ -17,7 +17,6 @@ import inspect
 import logging
 import typing
 from collections.abc import Mapping
-from pathlib import Path
 from typing import Any, ClassVar, Literal
 
 import torch
@@ -168,12 +167,12 @@ class SelfRegulatedStudent(Accounting):
             epochs = int(counts.max()) if counts.numel() else 1
             log.warning("significance source %s does not say E_T; using max s = %d", source, epochs)
         self.set_significance(counts, int(epochs))
-        ctx = getattr(runner, "ctx", None)
-        if ctx is not None and ctx.is_main:
-            data = self.histogram_data(source)
-            write_significance_files(
-                Path(ctx.run_dir), counts, data, ctx.logger, runner.step_offset
-            )
+        counts_file = runner.output_path("significance.pt")
+        png = runner.output_path("plots/significance_hist.png")
+        runner.output_path("plots/significance_hist.json")  # the plot's data, beside it
+        if counts_file is not None and png is not None:  # the main rank
+            if write_significance_files(counts_file, png, counts, self.histogram_data(source)):
+                runner.log_figure("plots/significance_hist", png)
 
     def set_significance(self, counts: torch.Tensor, teacher_epochs: int) -> None:
         """Install the teacher's counts (int ``[N]``) and derive weights, kept set, stats."""

@@ -172,7 +172,7 @@ def obtain_teacher(student, runner) -> tuple[nn.Module, torch.Tensor | None, int
         beta=student.teacher_beta,
         reduction=student.teacher_reduction,
     )
-    teacher = runner.run_stage(
+    result = runner.run_stage(
         "teacher",
         stage,
         method_settings=teacher_settings(student.teacher_beta, student.teacher_reduction),
@@ -183,7 +183,7 @@ def obtain_teacher(student, runner) -> tuple[nn.Module, torch.Tensor | None, int
     if stage.completed_epochs == 0:
         raise CheckpointError(
             "the cached self-regulated teacher stage has no significance counts (an entry "
-            f"written before the cache stored method state): delete teacher-*.pt under "
-            f"{runner.cache_dir} or pass method.teacher_ckpt with method.significance_file"
+            "written before the cache stored method state): delete teacher-*.pt under "
+            "paths.teacher_cache or pass method.teacher_ckpt with method.significance_file"
         )
-    return teacher, stage.significance.values, stage.completed_epochs, "stage"
+    return result.model, stage.significance.values, stage.completed_epochs, "stage"
