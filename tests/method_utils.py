@@ -1,5 +1,7 @@
 """Helpers for method tests: a real run context on tiny synthetic data, composed from the real
-config tree, and a batch from the real loader."""
+config tree, and a batch from the real loader. ``build_method`` hands ``prepare`` the runner
+through :class:`ProtocolOnly`, so every test that builds a multi-stage method also checks that
+the method uses only what the stage protocol declares."""
 
 from __future__ import annotations
 
@@ -17,6 +19,7 @@ from kdrun.data.datasets import build_datasets
 from kdrun.data.loaders import DeviceTrainLoader
 from kdrun.data.samplers import BatchSampler
 from kdrun.loggers.jsonl import JsonlLogger
+from kdrun.methods import base
 from kdrun.methods.base import Batch
 from kdrun.stages import RunContext, StageRunner
 
@@ -68,11 +71,29 @@ def tiny_context(tmp_path: Path, overrides: list[str] = ()):
     return cfg, ctx, runner
 
 
+class ProtocolOnly:
+    """A runner as a method may see it: only the members of the protocol
+    :class:`kdrun.methods.base.StageRunner`; any other attribute is an ``AttributeError``."""
+
+    MEMBERS = frozenset(n for n in vars(base.StageRunner) if not n.startswith("_"))
+
+    def __init__(self, runner: StageRunner) -> None:
+        object.__setattr__(self, "_runner", runner)
+
+    def __getattr__(self, name: str):
+        if name not in self.MEMBERS:
+            raise AttributeError(
+                f"a method used runner.{name}, which the StageRunner protocol does not declare "
+                f"(it declares {sorted(self.MEMBERS)})"
+            )
+        return getattr(self._runner, name)
+
+
 def build_method(cfg, ctx, runner):
     method = instantiate(
         cfg.method, num_classes=ctx.data.spec.num_classes, num_samples=ctx.num_samples()
     )
-    method.prepare(runner)
+    method.prepare(ProtocolOnly(runner))
     model = ctx.new_model()
     method.setup(model)
     return method, model

@@ -15,7 +15,7 @@ from kdrun.methods.base import StageResult
 from kdrun.metric_logging import ReliabilityPlots
 from kdrun.stages import StageRunner
 from tests.conftest import run_kdrun, start_kdrun
-from tests.method_utils import batches, build_method, tiny_context
+from tests.method_utils import ProtocolOnly, batches, build_method, tiny_context
 
 #: one intra-op thread: on a shared 2-core machine two threads per process are 5-15x slower
 ONE_THREAD = {"OMP_NUM_THREADS": "1"}
@@ -78,6 +78,30 @@ def record_stages(runner: StageRunner) -> list[dict]:
 
     runner.run_stage = run_stage
     return calls
+
+
+def test_the_runner_implements_the_stage_protocol(tmp_path):
+    assert ProtocolOnly.MEMBERS == {
+        "step",
+        "run_stage",
+        "load_model",
+        "output_path",
+        "log_figure",
+    }
+    _, ctx, runner = context(tmp_path, "a", [])
+    for name in ProtocolOnly.MEMBERS:
+        assert hasattr(runner, name), name
+    view = ProtocolOnly(runner)
+    assert view.step == 0
+    with pytest.raises(AttributeError, match="runner.ctx"):
+        view.ctx  # noqa: B018 - the internals are out of a method's reach
+    # files: under the run dir, listed once; nothing on a rank that writes nothing
+    assert view.output_path("plots/x.png") == tmp_path / "a" / "plots" / "x.png"
+    assert (tmp_path / "a" / "plots").is_dir()
+    view.output_path("plots/x.png")
+    assert runner.files == ["plots/x.png"]
+    ctx.is_main = False
+    assert view.output_path("y.json") is None and runner.files == ["plots/x.png"]
 
 
 # ----- tf_kd_self ----------------------------------------------------------------------------
