@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable
+from dataclasses import dataclass, fields
 from typing import Any
 
 import torch
@@ -57,24 +58,6 @@ DATASET_NAMES: tuple[str, ...] = (
     "imagenet",
     "synthetic",
 )
-
-#: Extra keyword options each builder accepts (everything else is rejected with a DatasetError).
-DATASET_OPTIONS: dict[str, tuple[str, ...]] = {
-    "digits": (),
-    "fashion_mnist": ("system_dir",),
-    "cifar10": (),
-    "cifar100": (),
-    "tiny_imagenet": (),
-    "imagenet": (),
-    "synthetic": (
-        "num_classes",
-        "image_size",
-        "channels",
-        "train_size",
-        "test_size",
-        "data_seed",
-    ),
-}
 
 # Mean / std of the training pixels scaled to [0, 1] (digits and Fashion-MNIST computed from the
 # exact training sets built here; see tests/test_datasets.py).
@@ -300,23 +283,30 @@ def _folder_datasets(spec: DataSpec, train: ImageFolder, test: ImageFolder) -> D
     )
 
 
-def _positive_int(name: str, value: Any) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise DatasetError(f"dataset.{name} must be a positive integer, got {value!r}")
-    return int(value)
+@dataclass(frozen=True)
+class _SyntheticOptions:
+    """The options of ``synthetic`` (integers; all but ``data_seed`` at least 1), checked on
+    construction with a one-line :class:`DatasetError`."""
+
+    num_classes: int = 10
+    image_size: int = 32
+    channels: int = 3
+    train_size: int = 512
+    test_size: int = 256
+    data_seed: int = 0
+
+    def __post_init__(self) -> None:
+        for option in fields(self):
+            name, value = option.name, getattr(self, option.name)
+            positive = name != "data_seed"
+            if isinstance(value, bool) or not isinstance(value, int) or (positive and value < 1):
+                kind = "a positive integer" if positive else "an integer"
+                raise DatasetError(f"dataset.{name} must be {kind}, got {value!r}")
 
 
-def _build_synthetic(
-    root: str,
-    download: bool,
-    num_classes: int = 10,
-    image_size: int = 32,
-    channels: int = 3,
-    train_size: int = 512,
-    test_size: int = 256,
-    data_seed: int = 0,
-) -> Datasets:
-    """Deterministic, learnable random images (no files).
+def _build_synthetic(root: str, download: bool, **options: int) -> Datasets:
+    """Deterministic, learnable random images (no files); ``options`` as
+    :class:`_SyntheticOptions`.
 
     Each class has a smooth random pattern (4x4 uniform noise upsampled bilinearly to
     ``image_size``, made left/right symmetric so horizontal flips preserve the label); an image is
@@ -326,13 +316,8 @@ def _build_synthetic(
     set does not depend on ``train_size``. mean/std are the exact per-channel statistics of the
     training images. Augmentation: crop_flip with padding ``max(1, image_size // 8)``.
     """
-    k = _positive_int("num_classes", num_classes)
-    s = _positive_int("image_size", image_size)
-    c = _positive_int("channels", channels)
-    n_train = _positive_int("train_size", train_size)
-    n_test = _positive_int("test_size", test_size)
-    if isinstance(data_seed, bool) or not isinstance(data_seed, int):
-        raise DatasetError(f"dataset.data_seed must be an integer, got {data_seed!r}")
+    opts = _SyntheticOptions(**options)
+    k, s, c, data_seed = opts.num_classes, opts.image_size, opts.channels, opts.data_seed
 
     g = torch.Generator().manual_seed(item_seed(data_seed, 0))
     base = torch.rand(k, c, 4, 4, generator=g) * 2 - 1
@@ -347,8 +332,8 @@ def _build_synthetic(
         x = (128 + 64 * patterns[y] + 32 * noise).round().clamp(0, 255).to(torch.uint8)
         return x.contiguous(), y.to(torch.int64)
 
-    xtr, ytr = make(n_train, 1)
-    xte, yte = make(n_test, 2)
+    xtr, ytr = make(opts.train_size, 1)
+    xte, yte = make(opts.test_size, 2)
     xf = xtr.to(torch.float64) / 255
     mean = tuple(round(float(v), 6) for v in xf.mean(dim=(0, 2, 3)))
     std = tuple(round(max(float(v), 1e-3), 6) for v in xf.std(dim=(0, 2, 3)))
@@ -364,4 +349,15 @@ BUILDERS: dict[str, Callable[..., Datasets]] = {
     "tiny_imagenet": _build_tiny_imagenet,
     "imagenet": _build_imagenet,
     "synthetic": _build_synthetic,
+}
+
+#: Extra keyword options each builder accepts (everything else is rejected with a DatasetError).
+DATASET_OPTIONS: dict[str, tuple[str, ...]] = {
+    "digits": (),
+    "fashion_mnist": ("system_dir",),
+    "cifar10": (),
+    "cifar100": (),
+    "tiny_imagenet": (),
+    "imagenet": (),
+    "synthetic": tuple(option.name for option in fields(_SyntheticOptions)),
 }
