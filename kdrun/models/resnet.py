@@ -177,15 +177,45 @@ class PreActBlock(nn.Module):
         return out + residual
 
 
-def _layers_and_widths(layers: Sequence[int], widths: Sequence[int]) -> tuple[list[int], list[int]]:
-    """``layers`` (blocks per stage) and ``widths`` as lists; one entry per stage in both."""
-    layers, widths = list(layers), list(widths)
-    if len(layers) != len(widths):
-        raise ValueError("layers and widths must have the same length")
-    return layers, widths
+class _StagedResNet(StagedModel):
+    """What ``ResNet`` and ``PreActResNet`` share: a stem of ``stem_channels``, then one stage of
+    ``layers[l]`` blocks of type ``block`` per entry of ``widths`` (stage output = ``widths[l]`` x
+    ``block.expansion``) at strides 1, 2, 2, ...; subclasses set ``block`` (and ``preact``) and
+    call :meth:`_build_stages`."""
+
+    # value ranges checked by kdrun.config before anything is built
+    ranges = {"stem_channels": (1, None)}
+    block: type[nn.Module]
+
+    def _build_stages(
+        self,
+        stem: str,
+        image_size: int,
+        in_channels: int,
+        stem_channels: int,
+        layers: Sequence[int],
+        widths: Sequence[int],
+        num_classes: int,
+    ) -> None:
+        """Build the stem (BN+ReLU unless ``preact``), the stages and the classifier."""
+        layers, widths = list(layers), list(widths)
+        if len(layers) != len(widths):
+            raise ValueError("layers and widths must have the same length")
+        norm = not self.preact
+        self._finish(
+            stem=self._resolve_stem(stem, image_size, in_channels, stem_channels, norm=norm),
+            stem_channels=stem_channels,
+            stage_channels=[w * self.block.expansion for w in widths],
+            stage_strides=halving_strides(len(widths)),
+            stage_blocks=layers,
+            num_classes=num_classes,
+        )
+
+    def _make_block(self, in_channels: int, out_channels: int, stride: int) -> nn.Module:
+        return self.block(in_channels, out_channels, stride)
 
 
-class ResNet(StagedModel):
+class ResNet(_StagedResNet):
     """CIFAR-stem ResNet (BasicBlock or Bottleneck), 4 stages by default.
 
     Args:
@@ -197,9 +227,6 @@ class ResNet(StagedModel):
         stem: ``"auto"`` | ``"cifar"`` | ``"imagenet"``.
         zero_init_residual: zero the last BN of every block (default False).
     """
-
-    # value ranges checked by kdrun.config before anything is built
-    ranges = {"stem_channels": (1, None)}
 
     def __init__(
         self,
@@ -218,23 +245,14 @@ class ResNet(StagedModel):
         blocks = {"basic": BasicBlock, "bottleneck": Bottleneck}
         if block not in blocks:
             raise ValueError(f"block must be 'basic' or 'bottleneck', got {block!r}")
-        layers, widths = _layers_and_widths(layers, widths)
         self.block = blocks[block]
         self.zero_init_residual = bool(zero_init_residual)
-        self._finish(
-            stem=self._resolve_stem(stem, image_size, in_channels, stem_channels),
-            stem_channels=stem_channels,
-            stage_channels=[w * self.block.expansion for w in widths],
-            stage_strides=halving_strides(len(widths)),
-            stage_blocks=layers,
-            num_classes=num_classes,
+        self._build_stages(
+            stem, image_size, in_channels, stem_channels, layers, widths, num_classes
         )
 
-    def _make_block(self, in_channels: int, out_channels: int, stride: int) -> nn.Module:
-        return self.block(in_channels, out_channels, stride)
 
-
-class PreActResNet(StagedModel):
+class PreActResNet(_StagedResNet):
     """Pre-activation ResNet (PreActBlock), final BN+ReLU inside ``pool``.
 
     Args as ``ResNet`` minus ``block``/``zero_init_residual`` (pre-activation blocks have no BN at
@@ -242,7 +260,7 @@ class PreActResNet(StagedModel):
     """
 
     preact = True
-    ranges = {"stem_channels": (1, None)}
+    block = PreActBlock
 
     def __init__(
         self,
@@ -256,15 +274,6 @@ class PreActResNet(StagedModel):
         stem: StemChoice = "auto",
     ) -> None:
         super().__init__()
-        layers, widths = _layers_and_widths(layers, widths)
-        self._finish(
-            stem=self._resolve_stem(stem, image_size, in_channels, stem_channels, norm=False),
-            stem_channels=stem_channels,
-            stage_channels=widths,
-            stage_strides=halving_strides(len(widths)),
-            stage_blocks=layers,
-            num_classes=num_classes,
+        self._build_stages(
+            stem, image_size, in_channels, stem_channels, layers, widths, num_classes
         )
-
-    def _make_block(self, in_channels: int, out_channels: int, stride: int) -> nn.Module:
-        return PreActBlock(in_channels, out_channels, stride)
