@@ -73,6 +73,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from kdrun.methods.base import NON_NEGATIVE, POSITIVE, UNIT, Batch, Method, StepOutput, kd_loss
+from kdrun.methods.heads import AuxiliaryHead, forward_heads, head_accuracies
 from kdrun.models.base import conv1x1, conv3x3, init_module
 
 
@@ -91,7 +92,7 @@ def _bottleneck(in_channels: int, mid: int, out_channels: int, stride: int) -> n
     )
 
 
-class BYOTExit(nn.Module):
+class BYOTExit(AuxiliaryHead):
     """Auxiliary exit: stage output ``[B, c_in, H, W]`` -> (pooled feature ``[B, D]``, logits)."""
 
     def __init__(
@@ -102,7 +103,6 @@ class BYOTExit(nn.Module):
         strides: list[int],
         preact: bool = False,
     ) -> None:
-        super().__init__()
         mid = max(feature_dim // 4, 1)
         layers: list[nn.Module] = []
         if preact:
@@ -111,15 +111,10 @@ class BYOTExit(nn.Module):
         for s in strides or [1]:
             layers.append(_bottleneck(c_in, mid, feature_dim, s))
             c_in = feature_dim
+        pool = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(1))
+        super().__init__(nn.Sequential(*layers), pool, feature_dim, num_classes)
         self.strides = list(strides or [1])
-        self.body = nn.Sequential(*layers)
-        self.pool = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(1))
-        self.fc = nn.Linear(feature_dim, num_classes)
         init_module(self.body)
-
-    def forward(self, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        feat = self.pool(self.body(h))
-        return feat, self.fc(feat)
 
 
 def byot_loss(
@@ -233,12 +228,7 @@ class BYOT(Method):
         self, stage_outputs: list[torch.Tensor]
     ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
         """(exit features, exit logits) from the backbone's stage outputs (all but the last)."""
-        feats, logits = [], []
-        for head, h in zip(self.exits, stage_outputs[:-1]):
-            f, q = head(h)
-            feats.append(f)
-            logits.append(q)
-        return feats, logits
+        return forward_heads(self.exits, stage_outputs[:-1])
 
     def training_step(self, model: nn.Module, batch: Batch) -> StepOutput:
         stage_outputs, feat_final, logits = model.forward_stages(batch.x)
@@ -247,8 +237,7 @@ class BYOT(Method):
             logits, feat_final, exit_logits, exit_feats, batch.y, self.alpha, self.T, self.beta
         )
         logs = {k: v.detach() for k, v in parts.items()}
-        for k, q in enumerate(exit_logits, start=1):
-            logs[f"exit{k}_acc"] = (q.detach().argmax(dim=-1) == batch.y).float().mean()
+        logs.update(head_accuracies(exit_logits, batch.y, "exit"))
         return StepOutput(loss=loss, logits=logits, logs=logs)
 
     # ----- inference / reporting ------------------------------------------------------------

@@ -102,6 +102,7 @@ from kdrun.methods.base import (
     kd_loss,
     soft_cross_entropy,
 )
+from kdrun.methods.heads import AuxiliaryHead, forward_heads, head_accuracies
 from kdrun.methods.pskd import pskd_alpha
 from kdrun.models.base import conv1x1, conv3x3, init_module
 
@@ -129,21 +130,6 @@ def rotate_batch(x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.
 
 
 # ----------------------------------------------------------------------------- heads
-class LSSKDHead(nn.Module):
-    """Auxiliary head: stage output ``[B, c_l, H, W]`` -> (pooled feature ``[B, D]``, logits
-    ``[B, 4C]``)."""
-
-    def __init__(self, body: nn.Module, pool: nn.Module, feature_dim: int, out: int) -> None:
-        super().__init__()
-        self.body = body
-        self.pool = pool
-        self.fc = nn.Linear(feature_dim, out)
-
-    def forward(self, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        feat = self.pool(self.body(h))
-        return feat, self.fc(feat)
-
-
 def _copy_body(model: nn.Module, stage: int) -> nn.Sequential:
     """Fresh copies of ``model.stages[stage+1:]``; after the last stage one extra stride-1 stage
     of the final width (block count from ``make_stage``'s default: the last stage's)."""
@@ -188,7 +174,7 @@ def build_heads(model: nn.Module, num_classes: int, head: str = "copy") -> nn.Mo
                 _bottleneck_body(model, stage),
                 nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(1)),
             )
-        heads.append(LSSKDHead(body, pool, dim, ROTATIONS * num_classes))
+        heads.append(AuxiliaryHead(body, pool, dim, ROTATIONS * num_classes))
     return nn.ModuleList(heads)
 
 
@@ -310,12 +296,7 @@ class LSSKD(Method):
         self, stage_outputs: list[torch.Tensor]
     ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
         """(head features ``[4B, D]``, head logits ``[4B, 4C]``), one per stage output."""
-        feats, logits = [], []
-        for head, h in zip(self.heads, stage_outputs):
-            f, q = head(h)
-            feats.append(f)
-            logits.append(q)
-        return feats, logits
+        return forward_heads(self.heads, stage_outputs)
 
     def training_step(self, model: nn.Module, batch: Batch) -> StepOutput:
         if len(self.heads) == 0:
@@ -346,8 +327,7 @@ class LSSKD(Method):
             probs = F.softmax(q.detach().float(), dim=-1)
             bank.write(batch.index, probs.view(b, ROTATIONS, -1))
         logs = {k: v.detach() for k, v in parts.items()}
-        for k, q in enumerate(head_logits, start=1):
-            logs[f"head{k}_acc"] = (q.detach().argmax(dim=-1) == y4).float().mean()
+        logs.update(head_accuracies(head_logits, y4, "head"))
         return StepOutput(loss=loss, logits=z_final, targets=batch.y, logs=logs)
 
     def on_epoch_end(self, epoch: int) -> dict[str, float]:
