@@ -48,6 +48,7 @@ from torchvision.models import resnet as tv_resnet
 
 __all__ = [
     "StagedModel",
+    "blocks_per_stage",
     "conv3x3",
     "conv1x1",
     "halving_strides",
@@ -77,6 +78,15 @@ def halving_strides(num_stages: int) -> list[int]:
     """Stage strides ``[1, 2, 2, ...]``: the first stage keeps the stem's resolution, every later
     one halves it."""
     return [1] + [2] * (num_stages - 1)
+
+
+def blocks_per_stage(depth: int, fixed_layers: int, net: str) -> int:
+    """``n`` for a three-stage net of ``depth = 6n + fixed_layers`` layers (two convs per block,
+    ``n`` blocks per stage, ``n >= 1``); a ``ValueError`` naming ``net`` for any other depth."""
+    n, rest = divmod(depth - fixed_layers, 6)
+    if n < 1 or rest:
+        raise ValueError(f"{net} depth must be 6n+{fixed_layers} with n >= 1, got {depth}")
+    return n
 
 
 def resolve_image_size(image_size: int | Sequence[int]) -> int:

@@ -24,7 +24,7 @@ from typing import Literal
 
 from torch import nn
 
-from kdrun.models.base import StagedModel, StemChoice, halving_strides
+from kdrun.models.base import StagedModel, StemChoice, blocks_per_stage, halving_strides
 from kdrun.models.resnet import BasicBlock
 
 __all__ = ["CifarResNet"]
@@ -60,11 +60,9 @@ class CifarResNet(StagedModel):
         zero_init_residual: bool = False,
     ) -> None:
         super().__init__()
-        if depth < 8 or (depth - 2) % 6:
-            raise ValueError(f"CIFAR ResNet depth must be 6n+2 with n >= 1, got {depth}")
+        n = blocks_per_stage(depth, 2, "CIFAR ResNet")
         if shortcut not in ("A", "B"):
             raise ValueError(f"shortcut must be 'A' or 'B', got {shortcut!r}")
-        n = (depth - 2) // 6
         channels = list(channels)
         stem_channels = channels[0] if stem_channels is None else int(stem_channels)
         self.depth = depth

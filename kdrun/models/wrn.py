@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from torch import nn
 
-from kdrun.models.base import StagedModel, StemChoice
+from kdrun.models.base import StagedModel, StemChoice, blocks_per_stage
 from kdrun.models.resnet import PreActBlock
 
 __all__ = ["WideResNet"]
@@ -47,11 +47,9 @@ class WideResNet(StagedModel):
         stem: StemChoice = "auto",
     ) -> None:
         super().__init__()
-        if depth < 10 or (depth - 4) % 6:
-            raise ValueError(f"WRN depth must be 6n+4 with n >= 1, got {depth}")
+        n = blocks_per_stage(depth, 4, "WRN")
         if not 0.0 <= dropout < 1.0:
             raise ValueError(f"dropout must be in [0, 1), got {dropout}")
-        n = (depth - 4) // 6
         self.depth, self.widen_factor, self.dropout = depth, widen_factor, float(dropout)
         stem_channels = 16
         self._finish(
