@@ -33,6 +33,12 @@ ARGS = [
 ]
 
 
+#: the two runs add the same numbers in other orders (two per-rank batches, SyncBatchNorm's float64
+#: statistics): after these 8 steps the largest weight difference was 1.2e-7 on one Intel Xeon
+#: and 2.0e-5 on one AMD EPYC (PS-KD bank 1.2e-5); leaving BatchNorm unsynchronised gives 8e-2
+ROUNDING_ATOL = 1e-4
+
+
 def only_run(cwd: Path) -> Path:
     runs = list((cwd / "outputs" / "runs").iterdir())
     assert len(runs) == 1, runs
@@ -72,16 +78,16 @@ def test_ddp_two_processes_equal_single_process(tmp_path):
     assert summary["world_size"] == 2
     ref_summary = json.loads((ref / "summary.json").read_text())
     for key in ("test/acc1", "test/nll", "test/ece", "test/brier"):
-        assert summary[key] == pytest.approx(ref_summary[key], abs=1e-5), key
+        assert summary[key] == pytest.approx(ref_summary[key], abs=ROUNDING_ATOL), key
     state = torch.load(run / "checkpoints/last.ckpt", weights_only=True)
     ref_state = torch.load(ref / "checkpoints/last.ckpt", weights_only=True)
     for name, value in ref_state["model"].items():
         if value.is_floating_point():
-            assert torch.allclose(state["model"][name], value, atol=1e-5), name
+            assert torch.allclose(state["model"][name], value, atol=ROUNDING_ATOL), name
     # every rank wrote every sample's prediction into its bank: identical to the single run
     assert bool(state["method"]["bank.written"].all())
     assert torch.allclose(
-        state["method"]["bank.values"], ref_state["method"]["bank.values"], atol=1e-5
+        state["method"]["bank.values"], ref_state["method"]["bank.values"], atol=ROUNDING_ATOL
     )
     # only rank 0 logs: each epoch's evaluation appears once
     events = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
