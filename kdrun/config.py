@@ -13,7 +13,11 @@ the value and what is allowed:
 
 :class:`ValidateBeforeRunDir` (registered in ``conf/config.yaml`` under ``hydra.callbacks``) runs
 :func:`validate` before Hydra creates a single run's directory, so a rejected command leaves no
-run dir behind; the app validates again (a multirun job is checked when it starts).
+run dir behind. For a sweep of Hydra's basic sweeper (``-m``, on any launcher: local, SLURM) it
+composes and validates every job of the sweep before the sweep dir exists or a job is submitted:
+one bad value rejects the sweep with one line naming the job's overrides. Other sweepers (the
+Optuna search) choose their values as they go; their jobs are checked when they start. The app
+validates again.
 """
 
 from __future__ import annotations
@@ -29,6 +33,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from hydra.core.hydra_config import HydraConfig
+from hydra.errors import HydraException
 from hydra.experimental.callback import Callback
 from hydra.utils import get_object
 from omegaconf import DictConfig, ListConfig, OmegaConf, open_dict, read_write
@@ -284,6 +289,53 @@ class ValidateBeforeRunDir(Callback):
         except ConfigError as err:
             print(f"kdrun: error: {err}", file=sys.stderr)
             sys.exit(2)
+
+    def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        if not str(config.hydra.sweeper.get("_target_", "")).endswith(".BasicSweeper"):
+            return
+        for number, overrides in enumerate(basic_sweep_overrides(config)):
+            try:
+                validate_composed(compose_sweep_job(config, overrides))
+            except (ConfigError, HydraException) as err:
+                shown = " ".join(overrides) or "no overrides"
+                print(
+                    f"kdrun: error: sweep job {number} ({shown}): {one_line(err)}", file=sys.stderr
+                )
+                sys.exit(2)
+
+
+def basic_sweep_overrides(config: DictConfig) -> list[list[str]]:
+    """The overrides of every job Hydra's basic sweeper would launch for the multirun
+    ``config`` (its ``hydra.sweeper.params``, then the command line's overrides)."""
+    from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
+    from hydra.core.global_hydra import GlobalHydra
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    params = config.hydra.sweeper.get("params") or {}
+    arguments = [f"{key}={value}" for key, value in params.items()]
+    arguments += list(config.hydra.overrides.task)
+    parser = OverridesParser.create(config_loader=GlobalHydra.instance().config_loader())
+    batches = BasicSweeper.split_arguments(parser.parse_overrides(arguments), None)
+    return [list(job) for batch in batches for job in batch]
+
+
+def compose_sweep_job(config: DictConfig, overrides: list[str]) -> DictConfig:
+    """One job's config, composed as the basic sweeper composes it (nothing is written)."""
+    from hydra.core.global_hydra import GlobalHydra
+
+    return GlobalHydra.instance().config_loader().load_sweep_config(config, overrides)
+
+
+def one_line(err: Exception) -> str:
+    """An error's message on one line (Hydra's span several: the message, then indented detail
+    such as the available options, then the search path and a debugging hint, left out)."""
+    kept = []
+    for line in (line.strip() for line in str(err).splitlines()):
+        if line.startswith(("Config search path", "Set the environment variable HYDRA")):
+            break
+        if line and not line.startswith(("full_key:", "object_type=")):
+            kept.append(line)
+    return " ".join(kept)
 
 
 def validate_composed(config: DictConfig) -> None:
