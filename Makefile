@@ -6,6 +6,11 @@
 # refuses installs into itself). `make demo PYTHON=/usr/bin/python3` picks the interpreter.
 PYTHON ?= python3
 PYTEST_ARGS ?=
+# `make test` spreads the suite over this many pytest-xdist workers (the CPU count, at most 4;
+# 0 runs it in this one process). Each test file runs on one worker: module fixtures and the
+# README's ordered command blocks stay together.
+TEST_WORKERS ?= $(shell n=$$(nproc 2>/dev/null || echo 1); [ $$n -gt 4 ] && n=4; [ $$n -lt 2 ] && n=0; echo $$n)
+PYTEST_PARALLEL = -n $(TEST_WORKERS) --dist loadfile
 BENCH_ARGS ?=
 ACTIVE_ENV := $(or $(VIRTUAL_ENV),$(CONDA_PREFIX))
 
@@ -39,11 +44,11 @@ install: env  ## install kdrun and its test tools (editable)
 demo: install  ## install, then train the embedded default (digits, small_cnn) on this machine
 	$(PY) -m kdrun
 
-test: install  ## install, then run the test suite (skips slow/gpu/slurm-only tests that cannot run)
-	$(PY) -m pytest -q $(PYTEST_ARGS)
+test: install  ## install, then run the test suite on TEST_WORKERS processes (skips slow/gpu tests and slurm ones that cannot run)
+	$(PY) -m pytest -q $(PYTEST_PARALLEL) $(PYTEST_ARGS)
 
 test-all: install  ## include tests marked slow
-	$(PY) -m pytest -q --runslow $(PYTEST_ARGS)
+	$(PY) -m pytest -q --runslow $(PYTEST_PARALLEL) $(PYTEST_ARGS)
 
 lint:  ## ruff lint + format check
 	$(PY) -m ruff check kdrun tests scripts benchmarks hydra_plugins

@@ -1,6 +1,8 @@
 """Shared test setup: markers, an isolated W&B/HOME environment, and the CLI runner.
 
-Tests marked ``slow`` run only with ``--runslow``; ``gpu`` tests skip without CUDA. Every test
+Tests marked ``slow`` run only with ``--runslow``; ``gpu`` tests skip without CUDA. Under
+pytest-xdist (``make test`` runs one worker per CPU, at most 4) each worker and the runs it starts
+get an equal share of the CPUs as their thread count, unless ``OMP_NUM_THREADS`` is set. Every test
 runs with HOME, W&B dirs and KDRUN_DATA_DIR pointed into a temp dir, W&B forced offline with no
 credentials, so nothing reads the user's files or touches the network.
 """
@@ -20,6 +22,15 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def pytest_addoption(parser):
     parser.addoption("--runslow", action="store_true", default=False, help="run slow tests")
+
+
+def pytest_configure(config):
+    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT") or 0)
+    if workers > 1 and "OMP_NUM_THREADS" not in os.environ:
+        # N workers with all-CPU thread pools each would oversubscribe the CPUs N times over
+        threads = max(1, len(os.sched_getaffinity(0)) // workers)
+        os.environ["OMP_NUM_THREADS"] = str(threads)
+        torch.set_num_threads(threads)
 
 
 def pytest_collection_modifyitems(config, items):

@@ -18,6 +18,9 @@ How the commands run: with ``bash -c`` in a temp copy of the project (so ``scrip
 ``KDRUN_DATA_DIR`` points to small data in the real on-disk formats (a Fashion-MNIST in idx
 files, CIFAR-10/100 in the pickled batches; commands naming ``dataset=cifar10/100`` run
 ``kdrun`` through a shim that accepts the fixture's checksums, since torchvision checks them).
+Where Debian's dataset-fashion-mnist is installed, kdrun replaces the small Fashion-MNIST with
+the package's 60,000 images (raw files of any other size count as missing), so the budget below
+bounds the Fashion-MNIST commands by batches and epochs, not by the size of the data.
 Placeholders are resolved from what earlier commands produced: ``<run>`` is the newest run dir,
 ``<sweep dir>`` the newest sweep dir, a lone ``...`` argument becomes :data:`ELLIPSIS_ARGS`.
 SLURM commands (the block that starts ``scripts/slurm-local.sh``, and every ``launcher=slurm``
@@ -60,6 +63,13 @@ BUDGET = {
     # the embedded default's 15 epochs run once, as written (`kdrun`); these two show a switch
     "kdrun logger=none": "trainer.epochs=2",
     "kdrun resume=never": "trainer.epochs=2",
+    # starts from the 2-epoch run above: one more epoch, not the default's 13
+    "kdrun resume=outputs/runs/<run>/checkpoints/last.ckpt": "trainer.epochs=3",
+    # an epoch of Debian's 60,000 images (test_cli's Debian test trains it and checks the
+    # accuracy): ten batches
+    "kdrun dataset=fashion_mnist trainer.epochs=1": "trainer.limit_train_batches=10",
+    # ten epochs of the 10 % subset: one
+    "kdrun dataset=fashion_mnist dataset.fraction=0.1": "trainer.epochs=1",
     # 200-epoch ResNet-18 / WRN recipes: one epoch of two batches on the 256-image fixture
     "kdrun method=label_smoothing dataset=cifar100": (
         "trainer.epochs=1 trainer.limit_train_batches=2 logger=none"
@@ -67,9 +77,9 @@ BUDGET = {
     "kdrun dataset=cifar100 model=wrn_40_2 optim.lr=0.05 eval.n_bins=10": (
         "trainer.epochs=1 trainer.limit_train_batches=2 logger=none"
     ),
-    # nine 30-epoch jobs: two epochs each
+    # nine 30-epoch jobs: two epochs of four batches each
     "kdrun -m method=ce,label_smoothing,ps_kd seed=0,1,2 dataset=fashion_mnist "
-    "dataset.fraction=0.1 trainer.epochs=30": "trainer.epochs=2",
+    "dataset.fraction=0.1 trainer.epochs=30": "trainer.epochs=2 trainer.limit_train_batches=4",
     # six 5-epoch trials (60 s): two 2-epoch trials
     "kdrun hparams_search=ps_kd_alpha dataset=digits trainer.epochs=5 hydra.sweeper.n_trials=6": (
         "trainer.epochs=2 hydra.sweeper.n_trials=2"
@@ -183,6 +193,9 @@ def test_every_readme_command_is_run_or_marked():
         "README commands the suite can neither run nor skip; make them runnable here, or add "
         "'[manual: <why>]' to the line's trailing comment:\n" + "\n".join(bad)
     )
+    # a budget whose command left the README would silently stop applying
+    stale = sorted(set(BUDGET) - {c.text for c in COMMANDS})
+    assert not stale, f"BUDGET entries for commands the README no longer has: {stale}"
     # the marker is used where it must be: no GPU, second node or W&B upload line runs here
     for c in COMMANDS:
         needs_gpus = any(k in c.text for k in ("gpus_per_node", "--nnodes", "nproc_per_node=4"))

@@ -3,17 +3,22 @@ slurmd, munge) in a temp dir, ``kdrun launcher=slurm ...`` submits to it through
 launcher, and a preempted job resumes from its checkpoint in the same run dir.
 
 The cluster tests are skipped (with the reason) when the slurm/munge programs are missing, when
-not root, or when the cluster does not come up, and need ``--runslow`` (each takes 45-95 s on 2 CPU
-cores). The preset tests (config composition only) always run.
+not root, or when the cluster does not come up (each takes 15-45 s on 2 CPU cores). Every cluster
+test starts its own cluster (a second or two) under a machine-wide lock, so parallel test workers
+(``make test``) take turns instead of running two clusters at once. The preset tests (config
+composition only) always run.
 """
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
 import os
 import shutil
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -95,8 +100,24 @@ class Cluster:
         return out.stdout
 
 
-@pytest.fixture(scope="module")
+@contextlib.contextmanager
+def one_cluster_at_a_time():
+    """Hold a machine-wide lock: parallel test workers start one local cluster at a time."""
+    with open(Path(tempfile.gettempdir()) / "kdrun-tests-slurm.lock", "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+
+
+@pytest.fixture
 def slurm_cluster(tmp_path_factory):
+    with one_cluster_at_a_time():
+        yield from _start_cluster(tmp_path_factory)
+
+
+def _start_cluster(tmp_path_factory):
     search = os.environ.get("PATH", "") + ":/usr/sbin:/sbin"
     missing = [p for p in PROGRAMS if shutil.which(p, path=search) is None]
     if missing:
